@@ -1,0 +1,137 @@
+"""Data containers that travel between gadgets inside a chain.
+
+Axis order, fixed for the whole project (BART's ``mri.h`` idea: one canonical order,
+defined once):
+
+* k-space:  ``(coils, kz, ky, kx)`` -- kx is the readout, ky = kspace_encode_step_1,
+  kz = kspace_encode_step_2; complex64, arbitrary scanner units.
+* images:   ``(coils, z, y, x)`` complex64, or ``(z, y, x)`` after coil combination.
+
+Lengths inside the runtime are SI [m] unless a name says otherwise: ``*_mm`` fields keep
+the ISMRMRD header's millimetres because they are copied straight into image headers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+
+
+class AcquisitionIndex(NamedTuple):
+    """The loop counters that select one reconstructable buffer (ISMRMRD ``EncodingCounters``)."""
+
+    slice: int = 0
+    contrast: int = 0
+    phase: int = 0
+    repetition: int = 0
+    set: int = 0
+
+
+@dataclass(frozen=True)
+class EncodingInfo:
+    """Geometry of one ISMRMRD encoding, read from the XML header.
+
+    Attributes:
+        encoded_matrix: (x, y, z) encoded matrix size; x includes readout oversampling.
+        encoded_fov_mm: (x, y, z) encoded field of view [mm].
+        recon_matrix: (x, y, z) reconstructed matrix size.
+        recon_fov_mm: (x, y, z) reconstructed field of view [mm].
+        ky_center, kz_center: k-space centre line of encode steps 1 and 2 (encoding limits).
+        ky_max, kz_max: largest encode-step indices (encoding limits), so ky runs 0..ky_max.
+    """
+
+    encoded_matrix: tuple[int, int, int]
+    encoded_fov_mm: tuple[float, float, float]
+    recon_matrix: tuple[int, int, int]
+    recon_fov_mm: tuple[float, float, float]
+    ky_center: int
+    kz_center: int
+    ky_max: int
+    kz_max: int
+
+    @classmethod
+    def from_header(cls, header: Any, encoding: int = 0) -> "EncodingInfo":
+        """Read encoding ``encoding`` of an ``ismrmrdHeader``; raises ValueError if it is absent."""
+        try:
+            enc = header.encoding[encoding]
+        except (IndexError, TypeError):
+            raise ValueError(f"header has no encoding {encoding}") from None
+        e, r = enc.encodedSpace, enc.reconSpace
+        lim = enc.encodingLimits
+
+        def limit(name: str, default_max: int) -> tuple[int, int]:
+            lm = getattr(lim, name, None) if lim is not None else None
+            if lm is None or lm.maximum is None:
+                return default_max // 2, max(default_max - 1, 0)
+            center = lm.center if lm.center is not None else (lm.maximum + 1) // 2
+            return int(center), int(lm.maximum)
+
+        ky_c, ky_m = limit("kspace_encoding_step_1", e.matrixSize.y)
+        kz_c, kz_m = limit("kspace_encoding_step_2", e.matrixSize.z)
+        return cls(
+            encoded_matrix=(e.matrixSize.x, e.matrixSize.y, e.matrixSize.z),
+            encoded_fov_mm=(e.fieldOfView_mm.x, e.fieldOfView_mm.y, e.fieldOfView_mm.z),
+            recon_matrix=(r.matrixSize.x, r.matrixSize.y, r.matrixSize.z),
+            recon_fov_mm=(r.fieldOfView_mm.x, r.fieldOfView_mm.y, r.fieldOfView_mm.z),
+            ky_center=ky_c,
+            kz_center=kz_c,
+            ky_max=ky_m,
+            kz_max=kz_m,
+        )
+
+
+@dataclass
+class ReconBuffer:
+    """k-space of one (slice, contrast, phase, repetition, set), ready to reconstruct.
+
+    Attributes:
+        data: ``(coils, kz, ky, kx)`` complex64 on the encoded grid; kx is the readout as
+            delivered (after oversampling removal, if a gadget did it); unsampled lines are 0.
+        sampled: ``(kz, ky)`` bool, True where a line was acquired.
+        index: the loop counters of this buffer.
+        encoding: geometry of the encoding the buffer belongs to.
+        header: acquisition header (``ismrmrd.AcquisitionHeader``) of the line nearest the
+            k-space centre; source of position, directions, time stamps for the image.
+        readout_fov_mm: field of view along kx of ``data`` [mm]; equals the encoded FOV,
+            or half of it after 2x oversampling removal.
+        reference: calibration (ACS) k-space ``(coils, kz, ky, kx)`` or None, for parallel
+            imaging gadgets; IS_PARALLEL_CALIBRATION lines go here and not into ``data``.
+        reference_sampled: ``(kz, ky)`` bool for ``reference``, or None.
+        history: processing steps applied so far (ImageProcessingHistory in the image meta).
+    """
+
+    data: np.ndarray
+    sampled: np.ndarray
+    index: AcquisitionIndex
+    encoding: EncodingInfo
+    header: Any
+    readout_fov_mm: float
+    reference: np.ndarray | None = None
+    reference_sampled: np.ndarray | None = None
+    history: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ImageBuffer:
+    """Reconstructed image(s) of one buffer before image finishing.
+
+    Attributes:
+        data: ``(coils, z, y, x)`` complex64 coil images, or ``(1, z, y, x)`` after coil
+            combination (complex64 or float32 magnitude).
+        index: loop counters the image came from.
+        header: reference acquisition header (position, directions, time stamps).
+        field_of_view_mm: (x, y, z) field of view of ``data`` [mm].
+        history: processing steps applied so far.
+    """
+
+    data: np.ndarray
+    index: AcquisitionIndex
+    header: Any
+    field_of_view_mm: tuple[float, float, float]
+    history: list[str] = field(default_factory=list)
+
+    @property
+    def combined(self) -> bool:
+        return self.data.shape[0] == 1

@@ -1,0 +1,210 @@
+"""Chain configs: declarative YAML, looked up by name, validated with precise messages.
+
+A chain config is an ordered list of gadgets, each with a unique ``name``, a ``class``
+(a registered gadget name or ``"module:Class"``) and ``parameters`` checked against the
+gadget's declared ``Params`` model (Gadgetron's ``default.xml`` in YAML, without code)::
+
+    name: default
+    description: Standard Cartesian chain
+    gadgets:
+      - name: noise
+        class: NoiseAdjust
+      - name: combine
+        class: CoilCombine
+        parameters: {method: rss}
+
+Session parameter overrides (python-ismrmrd-server / OpenRecon: a TEXT message
+``{"parameters": {...}}`` before the first acquisition) are applied with
+:func:`apply_overrides`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from inline.gadget import Gadget, GadgetParams
+from inline.registry import UnknownGadget, lookup
+
+log = logging.getLogger(__name__)
+
+#: The configs shipped with the project.
+BUILTIN_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+_SUFFIXES = (".yaml", ".yml", ".xml")
+
+
+class ConfigError(ValueError):
+    """A chain config that cannot be found, parsed or validated; the message says where."""
+
+
+class GadgetSpec(BaseModel):
+    """One entry of a chain config."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(description="unique name of this stage within the chain")
+    class_: str = Field(alias="class", description="registered gadget class name or 'module:Class'")
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class ChainSpec(BaseModel):
+    """A whole chain config, as parsed from YAML (not yet validated against gadget classes)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str = ""
+    gadgets: list[GadgetSpec]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A validated chain entry: gadget class and its parameter instance."""
+
+    name: str
+    cls: type[Gadget]
+    params: GadgetParams
+
+
+def config_search_path(extra: list[Path] | None = None) -> list[Path]:
+    """Directories searched for config names: ``extra``, then ``$INLINE_CONFIG_PATH``
+    (os.pathsep separated), then the project's ``configs/``."""
+    dirs = list(extra or [])
+    env = os.environ.get("INLINE_CONFIG_PATH")
+    if env:
+        dirs += [Path(p) for p in env.split(os.pathsep) if p]
+    dirs.append(BUILTIN_CONFIG_DIR)
+    return dirs
+
+
+def available_configs(search_path: list[Path] | None = None) -> list[str]:
+    """Names of every config on the search path."""
+    names: set[str] = set()
+    for d in search_path or config_search_path():
+        if d.is_dir():
+            names.update(p.stem for p in d.iterdir() if p.suffix in (".yaml", ".yml"))
+    return sorted(names)
+
+
+def resolve_config_name(name: str, search_path: list[Path] | None = None) -> Path:
+    """Path of the config called ``name``; ``default``, ``default.xml`` and
+    ``default.yaml`` all name ``configs/default.yaml``.
+
+    Raises:
+        ConfigError: unknown name, or a name with a path in it (it comes off the network).
+    """
+    stem = name.strip().rstrip("\x00")
+    for suffix in _SUFFIXES:
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    if not stem or "/" in stem or "\\" in stem or stem.startswith("."):
+        raise ConfigError(f"invalid config name {name!r}")
+    dirs = search_path or config_search_path()
+    for d in dirs:
+        for suffix in (".yaml", ".yml"):
+            p = d / f"{stem}{suffix}"
+            if p.is_file():
+                return p
+    raise ConfigError(
+        f"unknown config {name!r} (available: {', '.join(available_configs(dirs)) or 'none'})"
+    )
+
+
+def parse_chain(text: str, origin: str = "<config text>") -> ChainSpec:
+    """Parse YAML chain text; raises :class:`ConfigError` naming ``origin``."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {origin}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {origin}: expected a mapping with 'name' and 'gadgets', got {type(raw).__name__}")
+    raw.setdefault("name", origin)
+    try:
+        spec = ChainSpec.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"config {origin}: {_format_errors(e)}") from e
+    if not spec.gadgets:
+        raise ConfigError(f"config {spec.name!r}: the chain has no gadgets")
+    seen: set[str] = set()
+    for i, g in enumerate(spec.gadgets, 1):
+        if g.name in seen:
+            raise ConfigError(f"config {spec.name!r}, gadget #{i}: duplicate name {g.name!r}")
+        seen.add(g.name)
+    return spec
+
+
+def load_chain(name_or_path: str | Path, search_path: list[Path] | None = None) -> ChainSpec:
+    """Load a chain by config name or by a path to a YAML file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return parse_chain(p.read_text(), origin=str(p))
+    path = resolve_config_name(str(name_or_path), search_path)
+    return parse_chain(path.read_text(), origin=path.stem)
+
+
+def validate_chain(spec: ChainSpec) -> list[Stage]:
+    """Check every gadget class and parameter; raises :class:`ConfigError` with the config
+    name, the gadget's position and name, and what is wrong."""
+    stages = []
+    for i, g in enumerate(spec.gadgets, 1):
+        where = f"config {spec.name!r}, gadget #{i} {g.name!r}"
+        try:
+            cls = lookup(g.class_)
+        except UnknownGadget as e:
+            raise ConfigError(f"{where}: {e}") from e
+        try:
+            params = cls.Params.model_validate(g.parameters)
+        except ValidationError as e:
+            raise ConfigError(f"{where} ({cls.__name__}): {_format_errors(e, cls.Params)}") from e
+        stages.append(Stage(g.name, cls, params))
+    return stages
+
+
+def apply_overrides(spec: ChainSpec, overrides: dict[str, Any]) -> tuple[ChainSpec, list[str]]:
+    """Apply session parameters to a chain.
+
+    Keys may be ``"stage.param"``, ``{"stage": {"param": v}}``, or a bare ``"param"``
+    that applies to every stage whose gadget declares it. Keys that match nothing are
+    returned (OpenRecon sends its UI's own keys too) so the caller can log them; values of
+    the wrong type are caught later by :func:`validate_chain`.
+    """
+    stages = {g.name: g for g in spec.gadgets}
+    new_params = {g.name: dict(g.parameters) for g in spec.gadgets}
+    unused = []
+    for key, value in overrides.items():
+        if key in stages and isinstance(value, dict):
+            new_params[key].update(value)
+        elif "." in key and key.split(".", 1)[0] in stages:
+            stage, param = key.split(".", 1)
+            new_params[stage][param] = value
+        else:
+            hit = False
+            for g in spec.gadgets:
+                try:
+                    fields = lookup(g.class_).Params.model_fields
+                except UnknownGadget:
+                    continue
+                if key in fields:
+                    new_params[g.name][key] = value
+                    hit = True
+            if not hit:
+                unused.append(key)
+    gadgets = [g.model_copy(update={"parameters": new_params[g.name]}) for g in spec.gadgets]
+    return spec.model_copy(update={"gadgets": gadgets}), unused
+
+
+def _format_errors(e: ValidationError, model: type[BaseModel] | None = None) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden" and model is not None:
+            known = ", ".join(model.model_fields) or "none"
+            parts.append(f"unknown parameter {loc!r} (known: {known})")
+        else:
+            parts.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(parts)

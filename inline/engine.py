@@ -1,0 +1,186 @@
+"""The chain engine: each gadget in its own worker thread, bounded queues between them.
+
+Receiving, reconstructing and sending overlap; a full queue blocks the stage before it
+(backpressure all the way to the socket reader) instead of growing without bound, which
+is Gadgetron's failure mode. Messages a gadget does not accept pass it untouched. An
+exception in a gadget aborts the run: the error is kept (with the gadget's name) for the
+session to report, and every worker stops without blocking on a dead neighbour.
+
+NumPy/SciPy kernels release the GIL, so FFTs of one stage overlap the Python work of the
+others (Holoscan's multithread scheduler makes the same bet).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from inline.config import Stage
+from inline.gadget import Gadget, SessionContext
+from inline.trace import Trace
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[Any, Trace], None]
+
+
+class _End:
+    """End-of-stream marker between workers."""
+
+
+_END = _End()
+
+
+class GadgetError(RuntimeError):
+    """A gadget raised; ``stage`` names it, ``__cause__`` is the original exception."""
+
+    def __init__(self, stage: str, gadget: str, cause: BaseException):
+        super().__init__(f"gadget {stage!r} ({gadget}) failed: {type(cause).__name__}: {cause}")
+        self.stage = stage
+        self.gadget = gadget
+
+
+@dataclass
+class StageTimes:
+    """Wall time of every ``process``/``close`` call of one stage [ns]."""
+
+    name: str
+    gadget: str
+    durations_ns: list[int] = field(default_factory=list)
+
+
+class ChainRunner:
+    """Runs instantiated gadgets as a pipeline of threads.
+
+    Args:
+        stages: validated stages (:func:`inline.config.validate_chain`).
+        context: the session the gadgets belong to.
+        sink: called (from the last worker thread) with every message that leaves the chain.
+        queue_size: bound of each inter-stage queue [messages].
+        on_error: called once, from the failing worker's thread, when a gadget raises.
+
+    Raises:
+        GadgetError: from :meth:`put`, :meth:`close` when a gadget failed (also in :attr:`error`).
+    """
+
+    def __init__(
+        self,
+        stages: list[Stage],
+        context: SessionContext,
+        sink: Sink,
+        queue_size: int = 64,
+        on_error: Callable[[GadgetError], None] | None = None,
+    ):
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+        self.context = context
+        self.names = [s.name for s in stages]
+        self.gadgets: list[Gadget] = []
+        for s in stages:
+            try:
+                self.gadgets.append(s.cls(context, s.params))
+            except Exception as e:  # a constructor that rejects the header is a gadget failure
+                raise GadgetError(s.name, s.cls.__name__, e) from e
+        self.sink = sink
+        self.on_error = on_error
+        self.times = [StageTimes(n, type(g).__name__) for n, g in zip(self.names, self.gadgets)]
+        self.error: GadgetError | None = None
+        self._abort = threading.Event()
+        self._queues: list[queue.Queue] = [queue.Queue(maxsize=queue_size) for _ in self.gadgets]
+        self._threads = [
+            threading.Thread(target=self._work, args=(i,), name=f"{context.session_id}:{n}", daemon=True)
+            for i, n in enumerate(self.names)
+        ]
+        self._started = False
+
+    # -- producer side -------------------------------------------------------------------
+    def start(self) -> "ChainRunner":
+        for t in self._threads:
+            t.start()
+        self._started = True
+        return self
+
+    def put(self, item: Any, trace: Trace) -> None:
+        """Feed one message into the first stage; blocks while the chain is full."""
+        if not self._started:
+            raise RuntimeError("ChainRunner.put before start()")
+        self._raise_if_failed()
+        if self.gadgets:
+            self._put(0, (item, trace))
+        else:
+            self.sink(item, trace)
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Signal end of stream, wait until every stage has flushed; re-raise a gadget failure."""
+        if self.gadgets and self._started:
+            self._put(0, _END)
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
+            for t in self._threads:
+                t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        self._raise_if_failed()
+
+    def abort(self) -> None:
+        """Stop every worker as soon as possible, dropping queued messages."""
+        self._abort.set()
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    # -- workers ---------------------------------------------------------------------------
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _put(self, index: int, item: Any) -> None:
+        q = self._queues[index]
+        while not self._abort.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def _emit(self, index: int, item: Any, trace: Trace) -> None:
+        if index + 1 < len(self.gadgets):
+            self._put(index + 1, (item, trace))
+        else:
+            self.sink(item, trace)
+
+    def _work(self, index: int) -> None:
+        gadget, q, times = self.gadgets[index], self._queues[index], self.times[index].durations_ns
+        accepts = gadget.accepts
+        try:
+            while not self._abort.is_set():
+                try:
+                    msg = q.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                if msg is _END:
+                    t0 = time.perf_counter_ns()
+                    for out, tr in gadget.close():
+                        self._emit(index, out, tr)
+                    times.append(time.perf_counter_ns() - t0)
+                    if index + 1 < len(self.gadgets):
+                        self._put(index + 1, _END)
+                    return
+                item, trace = msg
+                if not isinstance(item, accepts):
+                    self._emit(index, item, trace)
+                    continue
+                t0 = time.perf_counter_ns()
+                outputs = list(gadget.process(item, trace))
+                times.append(time.perf_counter_ns() - t0)
+                for out, tr in outputs:
+                    self._emit(index, out, tr)
+        except Exception as e:
+            self.error = GadgetError(self.names[index], type(gadget).__name__, e)
+            self.error.__cause__ = e
+            log.exception("session %s: %s", self.context.session_id, self.error)
+            self._abort.set()
+            if self.on_error is not None:
+                self.on_error(self.error)

@@ -1,0 +1,290 @@
+"""One scan: a connection's messages, its chain, its journal, its replies.
+
+Handshake (as python-ismrmrd-server and Gadgetron expect): CONFIG_FILE or CONFIG_TEXT,
+optionally a TEXT ``{"parameters": {...}}`` (OpenRecon) and QUERY messages, HEADER, then
+acquisitions/waveforms, then CLOSE. Replies are IMAGE, TEXT and CLOSE only (RESPONSE
+only to a QUERY), the set both reference clients accept.
+
+Errors are caught here and nowhere deeper: bad input (:class:`~inline.protocol.ProtocolError`),
+a bad config (:class:`~inline.config.ConfigError`) or a failing gadget
+(:class:`~inline.engine.GadgetError`) each end the session with ``ERROR   ...`` TEXT then
+CLOSE, and a log line. After a gadget failure the rest of the stream is still read into
+the journal, so no raw data is lost.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import ismrmrd
+
+from inline import __version__
+from inline.config import ChainSpec, ConfigError, apply_overrides, config_search_path, load_chain, parse_chain, validate_chain
+from inline.engine import ChainRunner, GadgetError
+from inline.gadget import SessionContext, Text, text_message
+from inline.journal import Journal
+from inline.latency import LatencySummary
+from inline.protocol import (
+    CLOSE,
+    ConfigFile,
+    ConfigText,
+    Header,
+    MessageId,
+    MessageReader,
+    MessageWriter,
+    ProtocolError,
+    Query,
+    answer_query,
+)
+from inline.trace import Trace, now_ns
+
+log = logging.getLogger(__name__)
+
+#: Image meta key with the image's latency from its last readout's arrival to its send [ms].
+LATENCY_META_KEY = "InlineLatencyAfterLastReadout_ms"
+
+_counter = itertools.count(1)
+
+
+def new_session_id() -> str:
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}_{next(_counter):04d}_{secrets.token_hex(2)}"
+
+
+@dataclass
+class SessionSettings:
+    """Server-wide settings every session uses.
+
+    Attributes:
+        config_dirs: extra directories searched for config names (before ``configs/``).
+        journal_dir: where raw streams are journaled; None disables journaling.
+        max_message_bytes: largest message accepted [bytes].
+        queue_size: bound of each inter-gadget queue [messages].
+        idle_timeout_s: a peer silent this long mid-message is dropped [s].
+        on_image: optional callback ``(session_id, image, latency_ms)`` for live views.
+    """
+
+    config_dirs: list[Path] = field(default_factory=list)
+    journal_dir: Path | None = None
+    max_message_bytes: int = 512 * 2**20
+    queue_size: int = 64
+    idle_timeout_s: float | None = 300.0
+    on_image: Callable[[str, ismrmrd.Image, float], None] | None = None
+
+
+class SessionError(RuntimeError):
+    """The client broke the handshake (e.g. data before HEADER or before a config)."""
+
+
+class Session:
+    """Serve one connection until CLOSE, EOF or an error. Use :meth:`run` (blocking)."""
+
+    def __init__(self, sock: socket.socket, settings: SessionSettings, session_id: str | None = None):
+        self.sock = sock
+        self.settings = settings
+        self.id = session_id or new_session_id()
+        self.log = logging.LoggerAdapter(log, {"session": self.id})
+        self.reader = MessageReader(sock, max_message_bytes=settings.max_message_bytes, idle_timeout_s=settings.idle_timeout_s)
+        self.writer = MessageWriter(sock)
+        self.journal = Journal(settings.journal_dir, self.id) if settings.journal_dir else None
+        self.spec: ChainSpec | None = None
+        self.config_label = ""
+        self.overrides: dict[str, Any] = {}
+        self.header_xml: str | None = None
+        self.header = None
+        self.runner: ChainRunner | None = None
+        self.latencies_ns: list[int] = []
+        self.images_sent = 0
+        self.dropped: dict[str, int] = {}
+        self.error: str | None = None
+        self.summary: LatencySummary | None = None
+        self._client_gone = False
+        self._send_lock = threading.Lock()
+
+    # -- main loop -------------------------------------------------------------------------
+    def run(self) -> None:
+        self.log.info("session %s: connection from %s", self.id, _peer(self.sock))
+        try:
+            self._serve()
+        except (ProtocolError, ConfigError, SessionError, GadgetError) as e:
+            self._fail(e)
+        except Exception as e:  # a bug of ours: still tell the scanner, keep the server up
+            self.log.exception("session %s: internal error", self.id)
+            self._fail(e)
+        finally:
+            if self.runner is not None:
+                self.runner.abort()
+            if self.journal is not None:
+                try:
+                    self.journal.close()
+                except Exception:
+                    self.log.exception("session %s: journal conversion failed (the .mrd stream is kept)", self.id)
+            self.log.info("session %s: ended (%d images, %d messages received)", self.id, self.images_sent, self.reader.messages_received)
+
+    def _serve(self) -> None:
+        while (msg := self.reader.read()) is not None:
+            msg_id, obj = msg
+            if msg_id == MessageId.CLOSE:
+                self._finish()
+                return
+            self._dispatch(msg_id, obj)
+        self.log.warning("session %s: peer disconnected without CLOSE", self.id)
+        self._client_gone = True
+        self._finish()
+
+    def _dispatch(self, msg_id: MessageId, obj: Any) -> None:
+        if msg_id in (MessageId.ACQUISITION, MessageId.WAVEFORM, MessageId.IMAGE, MessageId.NDARRAY):
+            trace = Trace.arrived()
+            if self.journal is not None and msg_id in (MessageId.ACQUISITION, MessageId.WAVEFORM):
+                self.journal.record(obj)
+            if self.runner is None:
+                self._start_chain()
+            if self.runner.failed:
+                return  # reported by _fail; keep journaling the rest of the stream
+            try:
+                self.runner.put(obj, trace)
+            except GadgetError as e:
+                self._fail(e)
+        elif msg_id == MessageId.CONFIG_FILE:
+            self._record(obj)
+            self.spec = load_chain(obj.name, config_search_path(self.settings.config_dirs))
+            self.config_label = obj.name
+            self._note(config=obj.name)
+        elif msg_id == MessageId.CONFIG_TEXT:
+            self._record(obj)
+            self.spec = parse_chain(obj.text, origin="CONFIG_TEXT")
+            self.config_label = f"{self.spec.name} (CONFIG_TEXT)"
+            self._note(config_text=obj.text)
+        elif msg_id == MessageId.HEADER:
+            self.header = obj.parse()
+            self.header_xml = obj.xml
+            self._record(obj)
+        elif msg_id == MessageId.TEXT:
+            self._text(obj)
+        elif msg_id == MessageId.QUERY:
+            self.writer.send_response(obj.correlation_id, answer_query(obj.query))
+        else:
+            raise SessionError(f"unexpected {msg_id.name} message from the client")
+
+    def _record(self, obj: Any) -> None:
+        if self.journal is not None:
+            self.journal.record(obj)
+
+    def _note(self, **info: Any) -> None:
+        if self.journal is not None:
+            self.journal.note_config(**info)
+
+    def _text(self, text: str) -> None:
+        if self.runner is None:
+            try:
+                doc = json.loads(text)
+            except ValueError:
+                doc = None
+            if isinstance(doc, dict) and isinstance(doc.get("parameters"), dict):
+                self._record(Text(text))
+                self.overrides.update(doc["parameters"])
+                self._note(parameters=self.overrides)
+                self.log.info("session %s: parameters %s", self.id, doc["parameters"])
+                return
+        self.log.info("session %s: client text: %s", self.id, text.strip())
+
+    # -- chain -----------------------------------------------------------------------------
+    def _start_chain(self) -> None:
+        if self.header is None:
+            raise SessionError("data arrived before the HEADER message")
+        overrides = dict(self.overrides)
+        config = overrides.pop("config", None)
+        if isinstance(config, str) and config and self.spec is None:
+            self.spec = load_chain(config, config_search_path(self.settings.config_dirs))
+            self.config_label = config
+        if self.spec is None:
+            raise SessionError("data arrived before a CONFIG_FILE or CONFIG_TEXT message")
+        spec, unused = apply_overrides(self.spec, overrides)
+        if unused:
+            self.log.info("session %s: parameters not used by any gadget: %s", self.id, ", ".join(unused))
+        stages = validate_chain(spec)
+        context = SessionContext(header=self.header, session_id=self.id, config_name=spec.name, log=logging.getLogger(f"inline.session.{self.id}"))
+        self.runner = ChainRunner(stages, context, self._sink, queue_size=self.settings.queue_size, on_error=self._fail).start()
+        self.log.info("session %s: chain %s: %s", self.id, self.config_label, " -> ".join(s.name for s in stages))
+
+    def _sink(self, item: Any, trace: Trace) -> None:
+        """Last stop of the chain (runs on the last worker thread)."""
+        if self._client_gone:
+            return
+        try:
+            if isinstance(item, ismrmrd.Image):
+                self._send_image(item, trace)
+            elif isinstance(item, str):
+                self.writer.send_text(item)
+            else:
+                name = type(item).__name__
+                if name not in self.dropped:
+                    self.log.debug("session %s: %s reached the end of the chain; not sent", self.id, name)
+                self.dropped[name] = self.dropped.get(name, 0) + 1
+        except OSError as e:
+            self.log.warning("session %s: client went away while sending: %s", self.id, e)
+            self._client_gone = True
+
+    def _send_image(self, image: ismrmrd.Image, trace: Trace) -> None:
+        meta = ismrmrd.Meta.deserialize(image.attribute_string) if image.attribute_string else ismrmrd.Meta()
+        latency_ns = now_ns() - trace.last_arrival_ns
+        meta[LATENCY_META_KEY] = f"{latency_ns / 1e6:.3f}"
+        image.attribute_string = meta.serialize()
+        self.writer.send_image(image)
+        self.latencies_ns.append(latency_ns)
+        self.images_sent += 1
+        if self.settings.on_image is not None:
+            self.settings.on_image(self.id, image, latency_ns / 1e6)
+
+    # -- endings ---------------------------------------------------------------------------
+    def _finish(self) -> None:
+        if self.runner is not None and self.runner.failed:
+            self._fail(self.runner.error)
+            return
+        if self.runner is not None:
+            try:
+                self.runner.close()
+            except GadgetError as e:
+                self._fail(e)
+                return
+            summary = LatencySummary.build(self.latencies_ns, self.runner.times)
+            self.summary = summary
+            self.log.info("session %s: %s", self.id, summary.format())
+            self._send_safely(text_message("INFO", summary.format()))
+        if not self._client_gone and self.error is None:
+            self._send_safely(CLOSE)
+
+    def _fail(self, error: BaseException) -> None:
+        with self._send_lock:  # reader thread and a failing worker may both get here
+            if self.error is not None:
+                return
+            self.error = f"{type(error).__name__}: {error}"
+        self.log.error("session %s: %s", self.id, self.error)
+        if self.runner is not None:
+            self.runner.abort()
+        self._send_safely(text_message("ERROR", str(error)))
+        self._send_safely(CLOSE)
+
+    def _send_safely(self, obj: Any) -> None:
+        if self._client_gone:
+            return
+        try:
+            self.writer.send(obj)
+        except OSError as e:
+            self.log.warning("session %s: cannot send to client: %s", self.id, e)
+            self._client_gone = True
+
+
+def _peer(sock: socket.socket) -> str:
+    try:
+        return "%s:%s" % sock.getpeername()[:2]
+    except (OSError, TypeError):
+        return "?"

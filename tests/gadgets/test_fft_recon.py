@@ -1,0 +1,146 @@
+"""FFTRecon: centring, orthonormal scaling, asymmetric echo, FOV adjustment in 2D and 3D."""
+
+import ismrmrd
+import numpy as np
+import pytest
+from chain_helpers import centred_fft, centred_ifft, context, make_header
+
+from gadgets.fft_recon import FFTRecon, kspace_grid
+from inline.buffers import AcquisitionIndex, EncodingInfo, ImageBuffer, ReconBuffer
+
+
+def buffer(k: np.ndarray, header, readout_fov_mm: float | None = None, center: int | None = None) -> ReconBuffer:
+    enc = EncodingInfo.from_header(header)
+    acq_head = ismrmrd.AcquisitionHeader()
+    acq_head.number_of_samples = k.shape[-1]
+    acq_head.center_sample = k.shape[-1] // 2 if center is None else center
+    return ReconBuffer(
+        data=k.astype(np.complex64),
+        sampled=np.ones(k.shape[1:3], bool),
+        index=AcquisitionIndex(slice=2),
+        encoding=enc,
+        header=acq_head,
+        readout_fov_mm=enc.encoded_fov_mm[0] if readout_fov_mm is None else readout_fov_mm,
+        history=["ACC"],
+    )
+
+
+def recon(buf: ReconBuffer, header) -> ImageBuffer:
+    return FFTRecon(context(header), FFTRecon.Params(fft_workers=1)).apply(buf)
+
+
+@pytest.mark.parametrize("shape", [(1, 32, 48), (8, 16, 24)])
+def test_point_source_lands_at_centre(shape):
+    nz, ny, nx = shape
+    header = make_header(encoded=(nx, ny, nz), encoded_fov=(240.0, 160.0, 80.0 if nz > 1 else 5.0))
+    out = recon(buffer(np.ones((2,) + shape, np.complex64), header), header)
+    assert out.data.dtype == np.complex64 and out.data.shape == (2,) + shape
+    peak = np.unravel_index(np.argmax(np.abs(out.data[0])), shape)
+    assert peak == (nz // 2, ny // 2, nx // 2)
+    assert abs(out.data[0][peak]) == pytest.approx(np.sqrt(nz * ny * nx), rel=1e-5)  # orthonormal
+    assert np.abs(out.data[0]).sum() == pytest.approx(np.sqrt(nz * ny * nx), rel=1e-4)  # a single pixel
+    assert out.index.slice == 2 and out.history == ["ACC", "FFT"]
+    assert out.field_of_view_mm == (240.0, 160.0, 80.0 if nz > 1 else 5.0)
+
+
+def test_off_centre_object_round_trip():
+    rng = np.random.default_rng(0)
+    header = make_header(encoded=(64, 48, 1), encoded_fov=(256.0, 192.0, 5.0))
+    img = (rng.standard_normal((3, 1, 48, 64)) + 1j * rng.standard_normal((3, 1, 48, 64))).astype(np.complex64)
+    out = recon(buffer(centred_fft(img, axes=(-2, -1)), header), header)
+    np.testing.assert_allclose(out.data, img, atol=1e-4)
+
+
+def test_recon_pixel_coarser_than_encoded_crops_kspace():
+    # pulseq_gre_16ch-like: 64 readout samples / 256 mm (after oversampling removal) and
+    # 128 phase lines / 256 mm, recon 64 x 64 over 256 x 256 mm: keep the central 64 ky lines
+    header = make_header(
+        encoded=(128, 128, 1), encoded_fov=(512.0, 256.0, 3.0), recon=(64, 64, 1), recon_fov=(256.0, 256.0, 3.0)
+    )
+    rng = np.random.default_rng(1)
+    k = (rng.standard_normal((2, 1, 128, 64)) + 1j * rng.standard_normal((2, 1, 128, 64))).astype(np.complex64)
+    out = recon(buffer(k, header, readout_fov_mm=256.0), header)
+    assert out.data.shape == (2, 1, 64, 64)
+    assert out.field_of_view_mm == (256.0, 256.0, 3.0)
+    expected = centred_ifft(k[:, :, 32:96], axes=(-2, -1)) * np.sqrt(64 / 128)  # intensity kept
+    np.testing.assert_allclose(out.data, expected, atol=1e-5)
+
+
+def test_intensity_is_kept_by_fov_adjustment():
+    # a smooth blob reconstructed on the encoded and on a 2x finer recon grid has the same peak
+    ny = nx = 32
+    y, x = np.mgrid[:ny, :nx]
+    blob = np.exp(-((y - ny // 2) ** 2 + (x - nx // 2) ** 2) / 20.0)[None, None].astype(np.complex64)
+    k = centred_fft(blob, axes=(-2, -1))
+    same = make_header(encoded=(nx, ny, 1), encoded_fov=(200.0, 200.0, 5.0))
+    finer = make_header(
+        encoded=(nx, ny, 1), encoded_fov=(200.0, 200.0, 5.0), recon=(64, 64, 1), recon_fov=(200.0, 200.0, 5.0)
+    )
+    a = recon(buffer(k, same), same).data
+    b = recon(buffer(k, finer), finer).data
+    assert b.shape == (1, 1, 64, 64)
+    assert np.abs(b).max() == pytest.approx(np.abs(a).max(), rel=1e-3)
+
+
+def test_readout_shorter_than_recon_fov_pixel_is_zero_padded():
+    # pulseq_gre_32ch-like: 32 readout samples over 128 mm, recon 64 over 128 mm
+    header = make_header(
+        encoded=(64, 64, 1), encoded_fov=(256.0, 128.0, 30.0), recon=(64, 64, 1), recon_fov=(128.0, 128.0, 30.0)
+    )
+    k = np.zeros((1, 1, 64, 32), np.complex64)
+    k[0, 0, 32, 16] = 1  # DC only: a constant image
+    out = recon(buffer(k, header, readout_fov_mm=128.0), header)
+    assert out.data.shape == (1, 1, 64, 64)
+    np.testing.assert_allclose(np.abs(out.data), 1 / np.sqrt(64 * 32), rtol=1e-5)  # same level as without padding
+
+
+def test_phase_oversampling_is_cut_in_image_domain():
+    # encoded y FOV twice the recon one at the same pixel size: crop the central rows
+    header = make_header(
+        encoded=(32, 64, 1), encoded_fov=(200.0, 400.0, 5.0), recon=(32, 32, 1), recon_fov=(200.0, 200.0, 5.0)
+    )
+    rng = np.random.default_rng(2)
+    img = (rng.standard_normal((2, 1, 64, 32)) + 1j * rng.standard_normal((2, 1, 64, 32))).astype(np.complex64)
+    out = recon(buffer(centred_fft(img, axes=(-2, -1)), header), header)
+    np.testing.assert_allclose(out.data, img[:, :, 16:48], atol=1e-4)
+
+
+def test_asymmetric_echo_is_zero_filled():
+    # 24 samples with the echo at sample 8 belong to a symmetric 32 (8 before the centre missing)
+    header = make_header(encoded=(32, 16, 1), encoded_fov=(200.0, 100.0, 5.0))
+    rng = np.random.default_rng(3)
+    full = (rng.standard_normal((2, 1, 16, 32)) + 1j * rng.standard_normal((2, 1, 16, 32))).astype(np.complex64)
+    part = full[..., 8:]
+    out = recon(buffer(part, header, center=8), header)
+    zero_filled = full.copy()
+    zero_filled[..., :8] = 0
+    np.testing.assert_allclose(out.data, centred_ifft(zero_filled, axes=(-2, -1)), atol=1e-5)
+
+
+def test_3d_fov_adjustment():
+    header = make_header(
+        encoded=(32, 32, 16), encoded_fov=(256.0, 256.0, 128.0), recon=(32, 32, 8), recon_fov=(256.0, 256.0, 64.0)
+    )
+    rng = np.random.default_rng(4)
+    img = (rng.standard_normal((2, 16, 32, 32)) + 1j * rng.standard_normal((2, 16, 32, 32))).astype(np.complex64)
+    out = recon(buffer(centred_fft(img, axes=(-3, -2, -1)), header), header)
+    assert out.data.shape == (2, 8, 32, 32)  # same pixel size: image-domain cut along z
+    np.testing.assert_allclose(out.data, img[:, 4:12], atol=1e-4)
+    assert out.field_of_view_mm == (256.0, 256.0, 64.0)
+
+
+def test_kspace_grid():
+    assert kspace_grid(256.0, 128, 256.0, 64) == 64
+    assert kspace_grid(128.0, 32, 128.0, 64) == 64
+    assert kspace_grid(400.0, 64, 200.0, 32) == 64
+    assert kspace_grid(300.0, 17, 0.0, 0) == 17
+
+
+def test_bad_shape_raises():
+    header = make_header()
+    buf = buffer(np.ones((1, 1, 64, 128)), header)
+    buf.data = buf.data[0]
+    with pytest.raises(ValueError, match="coils, kz, ky, kx"):
+        recon(buf, header)
+    with pytest.raises(ValueError, match="fft_workers"):
+        FFTRecon.Params(fft_workers=0)

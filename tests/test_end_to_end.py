@@ -1,0 +1,130 @@
+"""The default chain end to end over a real socket on every real scan in ../shared/data;
+journal replay; the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ismrmrd
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import shared_data_files, wait_for_files
+from inline.cli import app
+from inline.client import send_scan
+from inline.config import load_chain
+from inline.imagefile import read_images
+from inline.mrdfile import read_scan
+from inline.offline import run_chain
+from inline.protocol import parse_header
+from inline.session import LATENCY_META_KEY
+
+pytestmark = pytest.mark.timeout(300)
+
+NOT_IMAGE = (
+    ismrmrd.ACQ_IS_NOISE_MEASUREMENT,
+    ismrmrd.ACQ_IS_PARALLEL_CALIBRATION,
+    ismrmrd.ACQ_IS_NAVIGATION_DATA,
+    ismrmrd.ACQ_IS_PHASECORR_DATA,
+    ismrmrd.ACQ_IS_HPFEEDBACK_DATA,
+    ismrmrd.ACQ_IS_RTFEEDBACK_DATA,
+    ismrmrd.ACQ_IS_DUMMYSCAN_DATA,
+)
+
+
+def expected_images(scan) -> dict[tuple, ismrmrd.Acquisition]:
+    """One image per (slice, contrast, phase, repetition, set) of imaging lines."""
+    out = {}
+    for a in scan.acquisitions:
+        if any(a.is_flag_set(f) for f in NOT_IMAGE):
+            continue
+        out.setdefault((a.idx.slice, a.idx.contrast, a.idx.phase, a.idx.repetition, a.idx.set), a)
+    return out
+
+
+@pytest.mark.parametrize("name", [p.name for p in shared_data_files()] or ["(absent)"])
+def test_default_chain_on_real_scanner_data(name, server, shared_data):
+    path = shared_data / name
+    scan = read_scan(path)
+    header = parse_header(scan.header_xml)
+    enc = header.encoding[0]
+    res = send_scan(scan, "127.0.0.1", server.port, config_name="default")
+    assert res.closed and not res.errors, res.texts
+    expected = expected_images(scan)
+    assert len(res.images) == len(expected)
+    for im in res.images:
+        key = (im.slice, im.contrast, im.phase, im.repetition, im.set)
+        assert key in expected
+        ref = expected[key]
+        assert tuple(im.matrix_size) == (enc.reconSpace.matrixSize.x, enc.reconSpace.matrixSize.y, enc.reconSpace.matrixSize.z)
+        np.testing.assert_allclose(
+            im.field_of_view,
+            [enc.reconSpace.fieldOfView_mm.x, enc.reconSpace.fieldOfView_mm.y, enc.reconSpace.fieldOfView_mm.z],
+            rtol=1e-6,
+        )
+        for attr in ("position", "read_dir", "phase_dir", "slice_dir", "patient_table_position"):
+            np.testing.assert_allclose(getattr(im, attr), getattr(ref, attr), atol=1e-5, err_msg=attr)
+        assert im.measurement_uid == ref.measurement_uid
+        assert im.image_series_index >= 1 and im.image_index >= 1
+        meta = ismrmrd.Meta.deserialize(im.attribute_string)
+        for key_ in ("DataRole", "ImageProcessingHistory", "WindowCenter", "WindowWidth", "SeriesDescription", LATENCY_META_KEY):
+            assert key_ in meta, key_
+        assert float(meta[LATENCY_META_KEY]) > 0
+        data = np.asarray(im.data)
+        assert data.shape == (1, enc.reconSpace.matrixSize.z, enc.reconSpace.matrixSize.y, enc.reconSpace.matrixSize.x)
+        assert np.isfinite(data).all() and data.max() > 0
+    indices = sorted(im.image_index for im in res.images)
+    assert indices == list(range(1, len(res.images) + 1))
+
+
+def test_journal_replays_bit_for_bit(server, small_scan):
+    res = send_scan(read_scan(small_scan), "127.0.0.1", server.port, config_name="default")
+    assert res.closed and not res.errors and len(res.images) == 2
+    journal_dir = Path(server.settings.journal_dir)
+    h5 = wait_for_files(journal_dir, "*.h5")
+    mrd = sorted(journal_dir.glob("*.mrd"))
+    assert len(h5) == 1 and len(mrd) == 1
+    for journal in (h5[0], mrd[0]):
+        replay = run_chain(load_chain("default"), read_scan(journal))
+        assert len(replay.images) == len(res.images)
+        for a, b in zip(sorted(res.images, key=lambda i: i.image_index), sorted(replay.images, key=lambda i: i.image_index)):
+            assert np.asarray(a.data).tobytes() == np.asarray(b.data).tobytes()
+            ha, hb = a.getHead(), b.getHead()
+            ha.attribute_string_len = hb.attribute_string_len = 0  # set by serialization only
+            assert bytes(ha) == bytes(hb)
+            meta_a, meta_b = ismrmrd.Meta.deserialize(a.attribute_string), ismrmrd.Meta.deserialize(b.attribute_string)
+            del meta_a[LATENCY_META_KEY]  # added at send, only on the server path
+            assert dict(meta_a) == dict(meta_b)
+
+
+def test_cli_send_and_run(server, small_scan, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "sent.h5"
+    r = runner.invoke(app, ["send", str(small_scan), "--port", str(server.port), "--config", "default", "-o", str(out), "--previews", str(tmp_path / "png")])
+    assert r.exit_code == 0, r.output
+    assert "latency after last readout" in r.output
+    groups = read_images(out)
+    assert list(groups) == ["image_1"] and len(groups["image_1"]) == 2
+    assert (tmp_path / "png" / "preview_series1.png").stat().st_size > 1000
+    # ismrmrd.Dataset reads what we wrote
+    ds = ismrmrd.Dataset(str(out), "dataset", create_if_needed=False)
+    assert ds.number_of_images("image_1") == 2
+    ds.close()
+
+    out2 = tmp_path / "offline.h5"
+    r = runner.invoke(app, ["run", "default", str(small_scan), "-o", str(out2)])
+    assert r.exit_code == 0, r.output
+    offline = read_images(out2)["image_1"]
+    for a, b in zip(groups["image_1"], offline):
+        np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
+
+    r = runner.invoke(app, ["send", str(small_scan), "--port", str(server.port), "--config", "nope"])
+    assert r.exit_code == 1 and "ERROR" in r.output
+
+
+def test_cli_send_config_file_and_pace(server, small_scan, tmp_path):
+    chain = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+    r = CliRunner().invoke(app, ["send", str(small_scan), "--port", str(server.port), "--config-file", str(chain), "--pace", "realtime", "-p", "image_series_index=3", "-o", str(tmp_path / "o.h5")])
+    assert r.exit_code == 0, r.output
+    assert list(read_images(tmp_path / "o.h5")) == ["image_3"]
