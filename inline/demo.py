@@ -38,7 +38,9 @@ def image_latency_ms(image: ismrmrd.Image) -> float:
 def simulated_demo_scan(slices: int = 10, coils: int = 32, matrix: int = 256) -> RawScan:
     from inline.simulate import simulate_scan
 
-    sim = simulate_scan(matrix=matrix, slices=slices, coils=coils)
+    # a 2D multi-slice spoiled gradient echo, TR 100 ms at about the Ernst angle of white
+    # matter: 256 lines in 26 s at scanner pace
+    sim = simulate_scan(matrix=matrix, slices=slices, coils=coils, tr_ms=100.0, flip_angle_deg=25.0)
     return RawScan(sim.header_xml, list(sim.acquisitions))
 
 
@@ -86,8 +88,9 @@ def run_demo(
             result = send_scan(scan, "127.0.0.1", server.port, config_name=config, pace=pace, on_image=on_image)
     finally:
         server.stop()
+    console.print()
     for t in result.texts:
-        console.print(t, style="red" if t.startswith("ERROR") else "dim")
+        console.print(t, style="red" if t.startswith("ERROR") else "dim", markup=False, highlight=False)
     writer = ImageFileWriter(out_dir / "out.h5")
     for im in result.images:
         writer.append(im)

@@ -940,6 +940,7 @@ def simulate_scan(
     fov_mm: float = 240.0,
     tr_ms: float | None = None,
     te_ms: float | None = None,
+    flip_angle_deg: float | None = None,
     snr: float = 40.0,
     noise_samples: int = 2048,
     kz: int = 1,
@@ -963,6 +964,7 @@ def simulate_scan(
         slice_thickness_mm: slice (2D) or partition (3D) thickness [mm].
         fov_mm: square field of view [mm].
         tr_ms, te_ms: override the preset's repetition / echo time [ms].
+        flip_angle_deg: override the preset's excitation flip angle [deg].
         snr: mean over the brain of the root-sum-of-squares of the noise-free coil images
             divided by the noise standard deviation of one channel (the square root of the
             mean diagonal of ``noise_covariance``), both in the image domain of an orthonormal
@@ -1010,6 +1012,7 @@ def simulate_scan(
     _positive("fov_mm", fov_mm)
     _positive("tr_ms", tr_ms)
     _positive("te_ms", te_ms)
+    _positive("flip_angle_deg", flip_angle_deg)
     if not (isinstance(snr, numbers.Real) and snr > 0):
         raise ValueError(f"snr must be > 0 (math.inf for no noise), got {snr!r}")
     preset = presets[contrast]
@@ -1017,7 +1020,7 @@ def simulate_scan(
         preset.sequence_type,
         tr_ms=float(tr_ms if tr_ms is not None else preset.tr_ms),
         te_ms=float(te_ms if te_ms is not None else preset.te_ms),
-        flip_angle_deg=preset.flip_angle_deg,
+        flip_angle_deg=float(flip_angle_deg if flip_angle_deg is not None else preset.flip_angle_deg),
         echo_train_length=preset.echo_train_length,
         echo_spacing_ms=preset.echo_spacing_ms,
     )

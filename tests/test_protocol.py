@@ -233,6 +233,21 @@ def test_large_acquisitions_bigger_than_readahead_over_socket(rng):
         assert got[2 * i][1].data.flags.c_contiguous and got[2 * i][1].data.flags.writeable
 
 
+def test_received_acquisition_behaves_like_a_constructed_one(rng):
+    import inline.protocol as protocol
+
+    sent = [make_acquisition(rng, channels=3, samples=16, scan_counter=4), make_acquisition(rng, channels=3, samples=16)]
+    (_, a), (_, b) = read_all(write_bytes(sent))
+    assert a.traj.shape == (16, 0) and b.traj.shape == (16, 0)
+    assert copy.deepcopy(a) == sent[0] and pickle.loads(pickle.dumps(a)) == sent[0]
+    a.data[0, 0] = 7 + 1j  # the arrays are the message's own, writable, not shared
+    assert a.data[0, 0] == 7 + 1j and b.data[0, 0] == sent[1].data[0, 0]
+    a.resize(number_of_samples=8, active_channels=2)
+    assert a.data.shape == (2, 8) and a.number_of_samples == 8 and b.number_of_samples == 16
+    head, data, traj = sent[0].getHead(), sent[0].data.copy(), sent[0].traj.copy()
+    assert protocol._wrap_acquisition_direct(head, data, traj) == protocol._wrap_acquisition_public(head, data, traj)
+
+
 @pytest.mark.parametrize(
     "dtype", [np.uint16, np.int16, np.uint32, np.int32, np.float32, np.float64, np.complex64, np.complex128]
 )
@@ -639,6 +654,21 @@ def test_timeout_mid_message_is_truncated_and_idle_at_boundary_is_recoverable(rn
     a.sendall(struct.pack("<HI", 5, 100) + b"only part")
     with pytest.raises(TruncatedMessage, match=r"timed out in TEXT \(5\) message #2 at byte offset 10 while reading text: got 9 of 100"):
         reader.read()
+    a.close()
+    b.close()
+
+
+@pytest.mark.timeout(10)
+def test_socket_file_timeout_is_final():
+    a, b = socket.socketpair()
+    b.settimeout(0.1)
+    with b.makefile("rb") as f:
+        reader = MessageReader(f)
+        with pytest.raises(IdleTimeout, match="before the source timed out") as exc:
+            reader.read()
+        assert not exc.value.recoverable  # SocketIO refuses every read after a timeout
+        with pytest.raises(ProtocolError, match="out of sync"):
+            reader.read()
     a.close()
     b.close()
 
