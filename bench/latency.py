@@ -84,14 +84,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "latency_cpu.json")
     args = ap.parse_args()
 
-    from inline.simulate import simulate_scan
+    from inline.demo import simulated_demo_scan
 
     cases = []
     siemens = REPO.parent / "shared" / "data" / "siemens_skyra_ssfp_14ch_R3_phantom.h5"
     if siemens.exists():
         cases.append(("siemens_skyra_ssfp_14ch_R3", read_scan(siemens), max(args.repeats * 4, 20)))
-    sim = simulate_scan(matrix=256, slices=10, coils=32)
-    cases.append(("simulated_32ch_256x256_10slices", RawScan(sim.header_xml, list(sim.acquisitions)), args.repeats))
+    # 2D multi-slice spoiled GRE, TR 100 ms, interleaved slices: 2560 readouts of 32 x 512
+    cases.append(("simulated_32ch_256x256_10slices", simulated_demo_scan(10, 32, 256), args.repeats))
 
     rows = []
     with tempfile.TemporaryDirectory() as journal:

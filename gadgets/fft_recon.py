@@ -16,7 +16,7 @@ import scipy.fft
 from pydantic import Field, field_validator
 
 from gadgets._common import centred_resize, readout_placement
-from inline.buffers import ImageBuffer, ReconBuffer
+from inline.buffers import EncodingInfo, ImageBuffer, ReconBuffer
 from inline.gadget import GadgetParams, PureGadget
 from inline.registry import register
 
@@ -72,6 +72,35 @@ class FFTRecon(PureGadget):
 
     accepts: ClassVar[tuple[type, ...]] = (ReconBuffer,)
     emits: ClassVar[tuple[type, ...]] = (ImageBuffer,)
+
+    def __init__(self, context, params=None):
+        super().__init__(context, params)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Transform zeros of the header's shapes once, at session start.
+
+        The first transform of a shape pays for FFT plans, worker threads and fresh pages
+        (measured 40-70 ms instead of 12 ms for 32 x 256 x 256); the first slice should not.
+        Both readout lengths (with and without oversampling removal) are warmed.
+        """
+        try:
+            enc = EncodingInfo.from_header(self.header)
+            coils = int(self.header.acquisitionSystemInformation.receiverChannels or 1)
+        except (AttributeError, TypeError, ValueError):
+            return
+        ex, ey, ez = enc.encoded_matrix
+        rx, ry, rz = enc.recon_matrix
+        fx, fy, fz = enc.recon_fov_mm
+        if min(ex, ey) <= 0 or coils * ex * ey * max(ez, 1) > 2**26:
+            return
+        ny = kspace_grid(enc.encoded_fov_mm[1], ey, fy, ry)
+        nz = kspace_grid(enc.encoded_fov_mm[2], ez, fz, rz) if ez > 1 else 1
+        for n_read, fov_read in {(ex, enc.encoded_fov_mm[0]), (ex // 2, enc.encoded_fov_mm[0] / 2)}:
+            nx = kspace_grid(fov_read, n_read, fx, rx)
+            k = np.zeros((coils, nz, ny, nx), np.complex64)
+            axes = (1, 2, 3) if nz > 1 else (2, 3)
+            scipy.fft.ifftn(k, axes=axes, norm="ortho", workers=self.params.fft_workers, overwrite_x=True)
 
     def apply(self, item: ReconBuffer) -> ImageBuffer:
         k = item.data

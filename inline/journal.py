@@ -35,15 +35,13 @@ class Journal:
     """
 
     def __init__(self, directory: str | Path, session_id: str):
-        from inline.protocol import MessageWriter
-
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.session_id = session_id
         self.stream_path = self.directory / f"{session_id}.mrd"
         self.h5_path = self.directory / f"{session_id}.h5"
-        self._file = open(self.stream_path, "wb")
-        self._writer = MessageWriter(self._file)
+        self._file = None  # opened on the first message: port probes leave no files
+        self._writer = None
         self._lock = threading.Lock()
         self.config: dict[str, Any] = {}
         self.count = 0
@@ -54,6 +52,11 @@ class Journal:
         with self._lock:
             if self.closed:
                 return
+            if self._file is None:
+                from inline.protocol import MessageWriter
+
+                self._file = open(self.stream_path, "wb")
+                self._writer = MessageWriter(self._file)
             self._writer.send(obj)
             self._file.flush()
             self.count += 1
@@ -69,6 +72,8 @@ class Journal:
             if self.closed:
                 return self.h5_path if self.h5_path.exists() else None
             self.closed = True
+            if self._file is None:
+                return None
             self._file.close()
         if not convert:
             return None

@@ -136,7 +136,8 @@ class Session:
                 self._finish()
                 return
             self._dispatch(msg_id, obj)
-        self.log.warning("session %s: peer disconnected without CLOSE", self.id)
+        if self.reader.messages_received:
+            self.log.warning("session %s: peer disconnected without CLOSE", self.id)
         self._client_gone = True
         self._finish()
 
