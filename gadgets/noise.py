@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import Field
 
 from gadgets._common import with_data
-from inline.gadget import AccumulatingGadget, GadgetParams, Output
+from inline.gadget import AccumulatingGadget, GadgetParams, Output, Text, text_message
 from inline.registry import register
 from inline.trace import Trace
 
@@ -73,8 +73,11 @@ class NoiseAdjust(AccumulatingGadget):
     that arrives after imaging data has started is consumed and ignored (logged once).
 
     Raises:
-        ValueError: an acquisition's channel count differs from the noise scan's, or the
-            noise covariance is not positive definite (e.g. a dead channel).
+        ValueError: an acquisition's channel count differs from the noise scan's.
+
+    A noise covariance that is not positive definite (a dead element) does not stop the
+    series: a ``WARNING`` text naming the channels goes to the scanner and the data pass
+    unwhitened.
     """
 
     class Params(GadgetParams):
@@ -93,7 +96,7 @@ class NoiseAdjust(AccumulatingGadget):
         )
 
     accepts: ClassVar[tuple[type, ...]] = (ismrmrd.Acquisition,)
-    emits: ClassVar[tuple[type, ...]] = (ismrmrd.Acquisition,)
+    emits: ClassVar[tuple[type, ...]] = (ismrmrd.Acquisition, Text)
 
     def __init__(self, context, params=None):
         super().__init__(context, params)
@@ -112,6 +115,7 @@ class NoiseAdjust(AccumulatingGadget):
         #: number of noise samples (per channel) the covariance is made from
         self.number_of_noise_samples: int = 0
         self._sum: np.ndarray | None = None
+        self._noise_trace: Trace | None = None
         self._frozen = False  # imaging data seen: covariance fixed
         self._scaled: dict[float, np.ndarray] = {}
         self._warned: set[str] = set()
@@ -121,7 +125,7 @@ class NoiseAdjust(AccumulatingGadget):
             self._warned.add(key)
             self.log.warning(msg, *args)
 
-    def _add_noise(self, acq: ismrmrd.Acquisition) -> None:
+    def _add_noise(self, acq: ismrmrd.Acquisition, trace: Trace) -> None:
         if self._frozen:
             self._warn_once(
                 "late", "NoiseAdjust: noise acquisition after imaging data ignored (scan_counter %d)", acq.scan_counter
@@ -130,6 +134,7 @@ class NoiseAdjust(AccumulatingGadget):
         n = np.asarray(acq.data, dtype=np.complex128)
         if self._sum is None:
             self._sum = np.zeros((n.shape[0], n.shape[0]), np.complex128)
+            self._noise_trace = trace
         elif self._sum.shape[0] != n.shape[0]:
             raise ValueError(
                 f"NoiseAdjust: noise acquisition {acq.scan_counter} has {n.shape[0]} channels, earlier ones {self._sum.shape[0]}"
@@ -141,18 +146,27 @@ class NoiseAdjust(AccumulatingGadget):
         elif not self.noise_dwell_time_us:
             self.noise_dwell_time_us = float(acq.sample_time_us)
 
-    def _compute(self) -> None:
+    def _compute(self) -> Iterator[Output]:
+        """Fix the covariance at the first imaging line; yields a warning Text when unusable."""
         self._frozen = True
         if self._sum is None or self.number_of_noise_samples < 2:
             return
         self.noise_covariance = self._sum / (self.number_of_noise_samples - 1)
         try:
             chol = np.linalg.cholesky(self.noise_covariance)
-        except np.linalg.LinAlgError as e:
-            raise ValueError(
+        except np.linalg.LinAlgError:
+            # A dead element (zero noise) must not cost the patient the series: reconstruct
+            # without prewhitening and tell the operator which channels are suspect.
+            power = np.real(np.diag(self.noise_covariance))
+            dead = np.flatnonzero(power <= 1e-6 * max(float(np.median(power)), np.finfo(float).tiny))
+            msg = (
                 f"NoiseAdjust: noise covariance of {self.noise_covariance.shape[0]} channels from "
-                f"{self.number_of_noise_samples} samples is not positive definite (dead channel?)"
-            ) from e
+                f"{self.number_of_noise_samples} samples is not positive definite "
+                f"(channels without noise: {dead.tolist() or 'none found'}); images are not prewhitened"
+            )
+            self.log.warning(msg)
+            yield text_message("WARNING", msg), self._noise_trace
+            return
         self.prewhitening_matrix = np.linalg.inv(chol)
 
     def scaled_matrix(self, acquisition_dwell_time_us: float) -> np.ndarray:
@@ -174,10 +188,10 @@ class NoiseAdjust(AccumulatingGadget):
 
     def process(self, item: ismrmrd.Acquisition, trace: Trace) -> Iterator[Output]:
         if item.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
-            self._add_noise(item)
+            self._add_noise(item, trace)
             return
         if not self._frozen:
-            self._compute()
+            yield from self._compute()
         if not self.params.perform_noise_adjust:
             yield item, trace
             return
@@ -196,5 +210,4 @@ class NoiseAdjust(AccumulatingGadget):
 
     def close(self) -> Iterator[Output]:
         if not self._frozen:  # a noise-only stream: still compute the covariance for QC
-            self._compute()
-        return iter(())
+            yield from self._compute()

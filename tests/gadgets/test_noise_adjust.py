@@ -124,13 +124,17 @@ def test_channel_mismatch_raises(mixing):
         run_chain([gadget], noise_acqs(rng, mixing, n_acq=1) + [make_acq(np.ones((3, 8)))])
 
 
-def test_dead_channel_raises():
+def test_dead_channel_warns_and_passes_unwhitened():
     rng = np.random.default_rng(7)
     noise = rng.standard_normal((COILS, 256)) + 1j * rng.standard_normal((COILS, 256))
     noise[2] = 0
     gadget = NoiseAdjust(context(make_header()))
-    with pytest.raises(ValueError, match="not positive definite"):
-        run_chain([gadget], [make_acq(noise, flags=[ismrmrd.ACQ_IS_NOISE_MEASUREMENT]), make_acq(np.ones((COILS, 8)))])
+    line = make_acq(np.ones((COILS, 8)))
+    out = payloads(run_chain([gadget], [make_acq(noise, flags=[ismrmrd.ACQ_IS_NOISE_MEASUREMENT]), line]))
+    assert len(out) == 2
+    assert out[0].startswith("WARNING ") and "not positive definite" in out[0] and "[2]" in out[0]
+    assert out[1] is line
+    assert gadget.prewhitening_matrix is None
 
 
 def test_noise_only_stream_still_computes_covariance(mixing):
