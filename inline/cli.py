@@ -82,7 +82,7 @@ def send(
 ) -> None:
     """Stream a raw-data file to a server; save the images; exit non-zero on an ERROR text."""
     from inline.client import send_scan
-    from inline.imagefile import ImageFileWriter, write_previews
+    from inline.imagefile import write_images
     from inline.mrdfile import read_scan
 
     _logging(log_level)
@@ -99,13 +99,7 @@ def send(
     )
     for t in result.texts:
         console.print(t, markup=False, highlight=False)
-    if out is not None:
-        w = ImageFileWriter(out)
-        for im in result.images:
-            w.append(im)
-        w.close()
-    if previews is not None and result.images:
-        write_previews(result.images, previews)
+    write_images(result.images, out, previews)
     console.print(f"{len(result.images)} images received" + (f", written to {out}" if out else ""))
     if result.errors or not result.closed:
         raise typer.Exit(1)
@@ -123,7 +117,7 @@ def run(
     """Run a chain in-process on a file (no sockets); replays journals."""
     from inline.config import ConfigError, load_chain
     from inline.engine import GadgetError
-    from inline.imagefile import ImageFileWriter, write_previews
+    from inline.imagefile import write_images
     from inline.mrdfile import read_scan
     from inline.offline import run_chain
 
@@ -133,12 +127,7 @@ def run(
     except (ConfigError, GadgetError) as e:
         console.print(f"[red]ERROR[/] {e}")
         raise typer.Exit(1)
-    w = ImageFileWriter(out)
-    for im in result.images:
-        w.append(im)
-    w.close()
-    if previews is not None and result.images:
-        write_previews(result.images, previews)
+    write_images(result.images, out, previews)
     for t in result.texts:
         console.print(t, markup=False, highlight=False)
     console.print(f"{len(result.images)} images written to {out}")

@@ -18,7 +18,7 @@ from rich.live import Live
 from rich.table import Table
 
 from inline.client import send_scan
-from inline.imagefile import ImageFileWriter, write_previews
+from inline.imagefile import write_images, write_previews
 from inline.latency import Percentiles
 from inline.mrdfile import RawScan, read_scan
 from inline.server import InlineServer
@@ -91,10 +91,7 @@ def run_demo(
     console.print()
     for t in result.texts:
         console.print(t, style="red" if t.startswith("ERROR") else "dim", markup=False, highlight=False)
-    writer = ImageFileWriter(out_dir / "out.h5")
-    for im in result.images:
-        writer.append(im)
-    writer.close()
+    write_images(result.images, out_dir / "out.h5")
     previews = write_previews(result.images, out_dir, prefix="preview") if result.images else []
     lat = Percentiles.of_ns(np.array([image_latency_ms(im) for im in result.images]) * 1e6)
     console.print(

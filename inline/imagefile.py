@@ -39,6 +39,17 @@ class ImageFileWriter:
         return self.path
 
 
+def write_images(images: list[ismrmrd.Image], path: str | Path | None = None, previews: str | Path | None = None) -> None:
+    """Write ``images`` to an ISMRMRD .h5 (when ``path``) and PNG previews (when ``previews``)."""
+    if path is not None:
+        writer = ImageFileWriter(path)
+        for im in images:
+            writer.append(im)
+        writer.close()
+    if previews is not None and images:
+        write_previews(images, previews)
+
+
 def read_images(path: str | Path, dataset: str = "dataset") -> dict[str, list[ismrmrd.Image]]:
     """All images of an ISMRMRD .h5 file, by group name (``image_<series>``)."""
     out: dict[str, list[ismrmrd.Image]] = {}

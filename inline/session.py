@@ -135,25 +135,34 @@ class Session:
             if msg_id == MessageId.CLOSE:
                 self._finish()
                 return
-            self._dispatch(msg_id, obj)
+            if self.error is not None:
+                self._drain(msg_id, obj)
+                continue
+            try:
+                self._dispatch(msg_id, obj)
+            except (ConfigError, SessionError, GadgetError) as e:
+                # reported now; the scanner may still be streaming: keep its raw data
+                self._fail(e)
         if self.reader.messages_received:
             self.log.warning("session %s: peer disconnected without CLOSE", self.id)
         self._client_gone = True
         self._finish()
 
+    def _drain(self, msg_id: MessageId, obj: Any) -> None:
+        """After an error: journal what still arrives, reconstruct nothing."""
+        if msg_id in (MessageId.ACQUISITION, MessageId.WAVEFORM, MessageId.HEADER):
+            self._record(obj)
+
     def _dispatch(self, msg_id: MessageId, obj: Any) -> None:
         if msg_id in (MessageId.ACQUISITION, MessageId.WAVEFORM, MessageId.IMAGE, MessageId.NDARRAY):
             trace = Trace.arrived()
-            if self.journal is not None and msg_id in (MessageId.ACQUISITION, MessageId.WAVEFORM):
-                self.journal.record(obj)
+            if msg_id in (MessageId.ACQUISITION, MessageId.WAVEFORM):
+                self._record(obj)
             if self.runner is None:
                 self._start_chain()
             if self.runner.failed:
-                return  # reported by _fail; keep journaling the rest of the stream
-            try:
-                self.runner.put(obj, trace)
-            except GadgetError as e:
-                self._fail(e)
+                return  # reported by _fail; _serve drains the rest into the journal
+            self.runner.put(obj, trace)
         elif msg_id == MessageId.CONFIG_FILE:
             self._record(obj)
             self.spec = load_chain(obj.name, config_search_path(self.settings.config_dirs))

@@ -184,3 +184,18 @@ def test_only_image_text_close_are_sent(server, small_scan):
         ids = [m[0] for m in MessageReader(s, idle_timeout_s=20)]
     assert set(ids) <= {MessageId.IMAGE, MessageId.TEXT, MessageId.CLOSE}
     assert ids.count(MessageId.IMAGE) == 2 and ids[-1] == MessageId.CLOSE
+
+
+def test_after_a_config_error_the_stream_is_still_journaled(server, small_scan):
+    scan = read_scan(small_scan)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as s:
+        w = MessageWriter(s)
+        w.send_config_file("no_such_chain")
+        w.send_header(scan.header_xml)
+        for a in scan.items:
+            w.send(a)
+        w.send_close()
+        replies = list(MessageReader(s, idle_timeout_s=20))
+    assert_error_then_close(replies, "unknown config 'no_such_chain'")
+    journals = wait_for_files(server.settings.journal_dir, "*.h5")
+    assert len(read_scan(journals[0]).items) == len(scan.items)
