@@ -12,6 +12,7 @@ from typing import Any
 
 import ismrmrd
 
+from inline.allocator import tune_process
 from inline.config import ChainSpec, apply_overrides, validate_chain
 from inline.engine import ChainRunner
 from inline.gadget import SessionContext
@@ -40,6 +41,7 @@ def run_chain(spec: ChainSpec, scan: RawScan, parameters: dict[str, Any] | None 
         GadgetError: a gadget failed.
         InvalidHeader: the scan's header is not valid ISMRMRD.
     """
+    tune_process()
     header = parse_header(scan.header_xml)
     spec, unused = apply_overrides(spec, parameters or {})
     if unused:

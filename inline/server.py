@@ -12,6 +12,7 @@ import socketserver
 import threading
 from pathlib import Path
 
+from inline.allocator import tune_process
 from inline.journal import recover
 from inline.session import Session, SessionSettings
 
@@ -48,6 +49,7 @@ class InlineServer(socketserver.ThreadingTCPServer):
     block_on_close = False
 
     def __init__(self, host: str = "127.0.0.1", port: int = 9002, settings: SessionSettings | None = None):
+        tune_process()
         self.settings = settings or SessionSettings()
         self.active: dict[str, Session] = {}
         self.finished: list[Session] = []
