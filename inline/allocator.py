@@ -44,6 +44,8 @@ def tune_process(mmap_threshold_bytes: int = 256 * 2**20, trim_threshold_bytes: 
     _done = True
     if _blas_limit is None:
         try:
+            import numpy.linalg  # noqa: F401  load both BLAS libraries before limiting them
+            import scipy.linalg  # noqa: F401
             from threadpoolctl import threadpool_limits
 
             _blas_limit = threadpool_limits(limits=1, user_api="blas")
