@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Scanner-inline MR reconstruction runtime (ISMRMRD/MRD streaming).")
@@ -144,6 +145,10 @@ def demo(
     raise typer.Exit(run_demo(file, out, config=config, pace=pace, slices=slices, coils=coils, matrix=matrix, console=console))
 
 
+def _type_name(annotation) -> str:
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+
+
 @app.command()
 def gadgets() -> None:
     """List the gadget library with accepted/emitted types and parameters."""
@@ -152,12 +157,12 @@ def gadgets() -> None:
     for name, cls in all_gadgets().items():
         kind = next((b.__name__ for b in cls.__mro__[1:] if b.__name__ in ("PureGadget", "AccumulatingGadget")), "Gadget")
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        t = Table(title=f"{name} [{kind}]: {doc}", title_justify="left", show_edge=False)
+        t = Table(title=escape(f"{name} [{kind}]: {doc}"), title_justify="left", show_edge=False)
         t.caption = f"accepts {', '.join(c.__name__ for c in cls.accepts)} -> emits {', '.join(c.__name__ for c in cls.emits)}"
         for col in ("parameter", "type", "default", "description"):
             t.add_column(col)
         for pname, f in cls.Params.model_fields.items():
-            t.add_row(pname, str(f.annotation).replace("typing.", ""), repr(f.default), f.description or "")
+            t.add_row(pname, escape(_type_name(f.annotation)), escape(repr(f.default)), escape(f.description or ""))
         console.print(t)
 
 

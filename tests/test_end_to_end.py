@@ -169,5 +169,6 @@ def test_cli_lists_gadgets_and_configs():
     for name in ("NoiseAdjust", "RemoveReadoutOversampling", "AcquisitionAccumulateTrigger", "FFTRecon", "CoilCombine", "ImageFinish"):
         assert name in r.output
     assert "receiver_noise_bandwidth" in r.output and "walsh_kernel_size" in r.output
+    assert "Dwell time of the noise scan [us]" in r.output  # units survive the table markup
     r = CliRunner().invoke(app, ["configs"], env={"COLUMNS": "200"})
     assert r.exit_code == 0 and "default" in r.output and "NoiseAdjust" in r.output
