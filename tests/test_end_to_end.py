@@ -172,3 +172,13 @@ def test_cli_lists_gadgets_and_configs():
     assert "Dwell time of the noise scan [us]" in r.output  # units survive the table markup
     r = CliRunner().invoke(app, ["configs"], env={"COLUMNS": "200"})
     assert r.exit_code == 0 and "default" in r.output and "NoiseAdjust" in r.output
+
+
+def test_demo_streams_a_given_file(tmp_path, small_scan):
+    from rich.console import Console
+
+    from inline.demo import run_demo
+
+    code = run_demo(small_scan, tmp_path, pace="realtime", console=Console(file=open(tmp_path / "log.txt", "w")))
+    assert code == 0
+    assert len(read_images(tmp_path / "out.h5")["image_1"]) == 2
