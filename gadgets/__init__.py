@@ -1,20 +1,12 @@
 """The stage library: gadgets that chain configs in ``configs/`` refer to by class name.
 
-Importing this package registers every standard gadget with :func:`inline.registry.register`.
+Importing this package imports every module in it, and each module registers its gadgets
+with :func:`inline.registry.register`; a new gadget module needs no edit here.
 """
 
-from gadgets.accumulate import AcquisitionAccumulateTrigger
-from gadgets.coil_combine import CoilCombine
-from gadgets.fft_recon import FFTRecon
-from gadgets.image_finish import ImageFinish
-from gadgets.noise import NoiseAdjust
-from gadgets.oversampling import RemoveReadoutOversampling
+import importlib
+import pkgutil
 
-__all__ = [
-    "AcquisitionAccumulateTrigger",
-    "CoilCombine",
-    "FFTRecon",
-    "ImageFinish",
-    "NoiseAdjust",
-    "RemoveReadoutOversampling",
-]
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")

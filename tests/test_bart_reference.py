@@ -29,6 +29,8 @@ import numpy as np
 import pytest
 from chain_helpers import build_chain, payloads, read_mrd, run_chain
 
+from inline.bart import read_cfl, write_cfl
+from inline.bart import bart as run_bart
 from gadgets.noise import DEFAULT_RECEIVER_NOISE_BANDWIDTH, bandwidth_scale
 
 GENERATOR = "ismrmrd_generate_cartesian_shepp_logan"
@@ -44,20 +46,8 @@ def nrmse(ours: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
 
-def write_cfl(base: Path, array: np.ndarray) -> None:
-    """BART .hdr/.cfl pair: dims in the header, complex64 samples in column-major order."""
-    base.with_suffix(".hdr").write_text("# Dimensions\n" + " ".join(str(d) for d in array.shape) + "\n")
-    np.asarray(array, np.complex64).ravel(order="F").tofile(base.with_suffix(".cfl"))
-
-
-def read_cfl(base: Path) -> np.ndarray:
-    dims = [int(d) for d in base.with_suffix(".hdr").read_text().splitlines()[1].split()]
-    data = np.fromfile(base.with_suffix(".cfl"), np.complex64, int(np.prod(dims)))
-    return data.reshape(dims, order="F")
-
-
 def bart(tmp: Path, *args: str) -> None:
-    subprocess.run(["bart", *args], cwd=tmp, check=True, capture_output=True, timeout=60)
+    run_bart(tmp, *args, timeout_s=60)
 
 
 @pytest.fixture(scope="module")
