@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import ismrmrd
 import numpy as np
 
+from inline.backend import get_array_module
+
 #: Acquisitions that never go into an image: noise, navigators, phase-correction and
 #: feedback lines, dummy scans, surface-coil-correction and phase-stabilisation data.
 NON_IMAGING_FLAGS: tuple[int, ...] = (
@@ -80,7 +82,7 @@ def centred_resize(x: np.ndarray, shape: Sequence[int], axes: Sequence[int]) -> 
         else:  # crop
             start = n // 2 - m // 2
             src[a] = slice(start, start + m)
-    out = np.zeros(out_shape, dtype=x.dtype)
+    out = get_array_module(x).zeros(out_shape, dtype=x.dtype)
     out[tuple(dst)] = x[tuple(src)]
     return out
 

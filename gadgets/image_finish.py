@@ -15,6 +15,7 @@ import ismrmrd
 import numpy as np
 from pydantic import Field, model_validator
 
+from inline.backend import to_host
 from inline.buffers import ImageBuffer
 from inline.gadget import AccumulatingGadget, GadgetParams, Output
 from inline.registry import register
@@ -140,7 +141,7 @@ class ImageFinish(AccumulatingGadget):
     def process(self, item: ImageBuffer, trace: Trace) -> Iterator[Output]:
         if item.data.ndim != 4:
             raise ValueError(f"ImageFinish: image data must be (channels, z, y, x), got shape {item.data.shape}")
-        mag = np.abs(item.data).astype(np.float32, copy=False)
+        mag = np.abs(to_host(item.data)).astype(np.float32, copy=False)  # images leave the device here
         scale = self._scale_for(mag)
         dtype, _ = _STORED[self.params.data_type]
         if self.params.data_type == "float":

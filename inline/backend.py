@@ -46,6 +46,17 @@ def fft_module(xp: ModuleType) -> ModuleType:
     return cupyx.scipy.fft
 
 
+def ndimage_module(xp: ModuleType) -> ModuleType:
+    """``scipy.ndimage`` for NumPy, ``cupyx.scipy.ndimage`` for CuPy."""
+    if xp is np:
+        import scipy.ndimage
+
+        return scipy.ndimage
+    import cupyx.scipy.ndimage
+
+    return cupyx.scipy.ndimage
+
+
 @functools.lru_cache(maxsize=1)
 def cupy_available() -> bool:
     """CuPy imports and sees at least one CUDA device."""

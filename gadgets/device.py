@@ -1,0 +1,69 @@
+"""Device transfer: move a scan's buffers to the GPU once, early in the chain, and back once.
+
+One code path serves both devices (:mod:`inline.backend`): gadgets pick NumPy or CuPy from
+the arrays they receive, so where the data live is decided here and only here.
+``ToDevice`` goes right after accumulation (k-space buffers, one copy per slice through
+pinned host memory); images come back in ``ImageFinish`` or an explicit ``ToHost``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from pydantic import Field
+
+from inline.backend import BackendUnavailable, cupy_available, to_device, to_host
+from inline.buffers import ImageBuffer, ReconBuffer
+from inline.gadget import GadgetParams, PureGadget
+from inline.registry import register
+
+
+def _move(item: Any, fields: tuple[str, ...], move) -> Any:
+    changes = {f: move(getattr(item, f)) for f in fields if getattr(item, f, None) is not None}
+    return dataclasses.replace(item, **changes)
+
+
+_ARRAY_FIELDS = {ReconBuffer: ("data", "sampled", "reference", "reference_sampled"), ImageBuffer: ("data",)}
+
+
+@register
+class ToDevice(PureGadget):
+    """Copy ReconBuffer / ImageBuffer arrays to the current CUDA device (CuPy).
+
+    Shapes and dtypes are unchanged. Without CuPy or a GPU the buffers stay on the host
+    and the chain runs on NumPy (logged once), unless ``required`` is set.
+
+    Raises:
+        BackendUnavailable: ``required`` is true and there is no CuPy/GPU.
+    """
+
+    class Params(GadgetParams):
+        required: bool = Field(False, description="Fail the session when no GPU is available instead of running on the CPU.")
+
+    accepts: ClassVar[tuple[type, ...]] = (ReconBuffer, ImageBuffer)
+    emits: ClassVar[tuple[type, ...]] = (ReconBuffer, ImageBuffer)
+
+    def __init__(self, context, params=None):
+        super().__init__(context, params)
+        self.on_gpu = cupy_available()
+        if not self.on_gpu:
+            if self.params.required:
+                raise BackendUnavailable("ToDevice: required GPU not available (CuPy with a CUDA device)")
+            self.log.warning("ToDevice: no CuPy/GPU on this host; the chain runs on the CPU")
+
+    def apply(self, item):
+        if not self.on_gpu:
+            return item
+        return _move(item, _ARRAY_FIELDS[type(item)], to_device)
+
+
+@register
+class ToHost(PureGadget):
+    """Copy ReconBuffer / ImageBuffer arrays back to host memory (NumPy); a no-op for host arrays."""
+
+    accepts: ClassVar[tuple[type, ...]] = (ReconBuffer, ImageBuffer)
+    emits: ClassVar[tuple[type, ...]] = (ReconBuffer, ImageBuffer)
+
+    def apply(self, item):
+        return _move(item, _ARRAY_FIELDS[type(item)], to_host)
