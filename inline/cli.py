@@ -162,7 +162,7 @@ def gadgets() -> None:
         for col in ("parameter", "type", "default", "description"):
             t.add_column(col)
         for pname, f in cls.Params.model_fields.items():
-            t.add_row(pname, escape(_type_name(f.annotation)), escape(repr(f.default)), escape(f.description or ""))
+            t.add_row(f.alias or pname, escape(_type_name(f.annotation)), escape(repr(f.default)), escape(f.description or ""))
         console.print(t)
 
 

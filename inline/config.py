@@ -189,7 +189,7 @@ def apply_overrides(spec: ChainSpec, overrides: dict[str, Any]) -> tuple[ChainSp
                     fields = lookup(g.class_).Params.model_fields
                 except UnknownGadget:
                     continue
-                if key in fields:
+                if key in fields or any(f.alias == key for f in fields.values()):
                     new_params[g.name][key] = value
                     hit = True
             if not hit:
@@ -203,7 +203,7 @@ def _format_errors(e: ValidationError, model: type[BaseModel] | None = None) -> 
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "<root>"
         if err["type"] == "extra_forbidden" and model is not None:
-            known = ", ".join(model.model_fields) or "none"
+            known = ", ".join(f.alias or n for n, f in model.model_fields.items()) or "none"
             parts.append(f"unknown parameter {loc!r} (known: {known})")
         else:
             parts.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")

@@ -56,3 +56,11 @@ def test_overrides_by_stage_dotted_and_bare_name():
     new, _ = apply_overrides(spec, {combine: {"method": "walsh"}})
     assert next(g for g in new.gadgets if g.name == combine).parameters["method"] == "walsh"
     validate_chain(new)
+
+
+def test_parameters_declared_with_an_alias_override_by_alias():
+    """CompressedSensing declares ``lam`` with the config name ``lambda`` (a Python keyword)."""
+    new, unused = apply_overrides(load_chain("cs"), {"lambda": 0.01})
+    assert unused == []
+    stage = next(s for s in validate_chain(new) if s.name == next(g.name for g in new.gadgets if g.class_ == "CompressedSensing"))
+    assert stage.params.lam == 0.01
