@@ -18,7 +18,7 @@ shifts (glibc ``rand_r`` from seed 1). Measured NRMSE: about 1.5e-6 with and wit
 random shifts (issue requirement: <= 2 %). What would break it: a different BART version
 (newer BART uses other FISTA parameters, ``--fista_pqr``), or an odd matrix.
 
-With our own maps (sigpy EspiritCalib, different threshold/crop/phase reference) the images
+With our own maps (gadgets.espirit, different threshold/crop/phase reference) the images
 differ by their coil-map weighting and phase; that comparison is on magnitudes inside the
 support of both maps and reported, with a loose bound.
 """
@@ -116,5 +116,5 @@ def test_cs_gadget_with_own_maps_vs_bart(case):
     ours_maps = g.maps_for(under)
     inside = (np.sum(np.abs(ours_maps) ** 2, 0) > 0) & (np.sum(np.abs(maps) ** 2, 0) > 0)
     err = nrmse(np.abs(ours)[inside], np.abs(ref)[inside])
-    print(f"NRMSE |ours (sigpy ESPIRiT maps)| vs |bart pics (bart ecalib maps)| inside both supports: {err:.3e}")
+    print(f"NRMSE |ours (our ESPIRiT maps)| vs |bart pics (bart ecalib maps)| inside both supports: {err:.3e}")
     assert err < 0.1
