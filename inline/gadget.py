@@ -58,12 +58,15 @@ class SessionContext:
         session_id: unique id of the connection or offline run, used in logs and journals.
         config_name: name of the chain config the session runs.
         log: logger that tags lines with the session id.
+        shared: facts one gadget finds for others of the same session (e.g. the noise
+            statistics of the noise scan, keyed ``"noise"``); written once, read later.
     """
 
     header: Any
     session_id: str = "offline"
     config_name: str = ""
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("inline.session"))
+    shared: dict = field(default_factory=dict)
 
 
 class Gadget:

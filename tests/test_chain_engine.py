@@ -123,3 +123,25 @@ def test_abort_unblocks_a_full_chain():
     runner.abort()
     th.join(3)
     assert not th.is_alive()
+
+
+class Tap(PureGadget):
+    """Forwards its input first, then takes long: the next stage must not wait for it."""
+
+    accepts = (int,)
+
+    def process(self, item, trace):
+        yield item, trace
+        time.sleep(0.2)
+        yield f"checked {item}", trace
+
+
+def test_outputs_leave_as_soon_as_they_are_yielded():
+    seen = []
+    runner = ChainRunner([Stage("tap", Tap, Tap.Params())], SessionContext(header=None), lambda i, t: seen.append((i, time.perf_counter())), queue_size=4).start()
+    t0 = time.perf_counter()
+    runner.put(1, Trace(0, 0))
+    runner.close(timeout_s=5)
+    assert [i for i, _ in seen] == [1, "checked 1"]
+    assert seen[0][1] - t0 < 0.1 and seen[1][1] - t0 >= 0.2
+    assert runner.times[0].durations_ns[0] >= 0.2e9  # the gadget's own time still counts

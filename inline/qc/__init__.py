@@ -1,0 +1,1 @@
+"""Quality control for the radiographer: typed alerts, the alert bus, alert logs."""
