@@ -19,6 +19,7 @@ from inline.gadget import SessionContext
 from inline.latency import LatencySummary
 from inline.mrdfile import RawScan
 from inline.protocol import parse_header
+from inline.qc.alert import Alert
 from inline.trace import Trace, now_ns
 
 log = logging.getLogger(__name__)
@@ -26,10 +27,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunResult:
-    """Images and texts a chain produced offline, with its latency summary."""
+    """Images, texts and QC alerts a chain produced offline, with its latency summary."""
 
     images: list[ismrmrd.Image] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
     summary: LatencySummary | None = None
 
 
@@ -55,6 +57,8 @@ def run_chain(spec: ChainSpec, scan: RawScan, parameters: dict[str, Any] | None 
             result.images.append(item)
         elif isinstance(item, str):
             result.texts.append(str(item))
+        elif isinstance(item, Alert):
+            result.alerts.append(item)
 
     runner = ChainRunner(validate_chain(spec), SessionContext(header=header, config_name=spec.name), sink, queue_size=queue_size)
     runner.start()
