@@ -50,6 +50,7 @@ class GadgetSpec(BaseModel):
     name: str = Field(description="unique name of this stage within the chain")
     class_: str = Field(alias="class", description="registered gadget class name or 'module:Class'")
     parameters: dict[str, Any] = Field(default_factory=dict)
+    budget_ms: float | None = Field(None, gt=0, description="latency budget per message of this gadget [ms]")
 
 
 class ChainSpec(BaseModel):
@@ -58,6 +59,7 @@ class ChainSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     description: str = ""
+    budget_ms: float | None = Field(None, gt=0, description="latency budget from last readout to image sent [ms]")
     gadgets: list[GadgetSpec]
 
 
@@ -68,6 +70,7 @@ class Stage:
     name: str
     cls: type[Gadget]
     params: GadgetParams
+    budget_ms: float | None = None
 
 
 def config_search_path(extra: list[Path] | None = None) -> list[Path]:
@@ -161,7 +164,7 @@ def validate_chain(spec: ChainSpec) -> list[Stage]:
             params = cls.Params.model_validate(g.parameters)
         except ValidationError as e:
             raise ConfigError(f"{where} ({cls.__name__}): {_format_errors(e, cls.Params)}") from e
-        stages.append(Stage(g.name, cls, params))
+        stages.append(Stage(g.name, cls, params, g.budget_ms))
     return stages
 
 

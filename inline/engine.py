@@ -62,6 +62,8 @@ class ChainRunner:
         sink: called (from the last worker thread) with every message that leaves the chain.
         queue_size: bound of each inter-stage queue [messages].
         on_error: called once, from the failing worker's thread, when a gadget raises.
+        on_budget: called ``(stage, took_ms, budget_ms)`` the first time a stage with a
+            ``budget_ms`` takes longer on one message (once per run, not per message).
 
     Raises:
         GadgetError: from :meth:`put`, :meth:`close` when a gadget failed (also in :attr:`error`).
@@ -74,6 +76,7 @@ class ChainRunner:
         sink: Sink,
         queue_size: int = 64,
         on_error: Callable[[GadgetError], None] | None = None,
+        on_budget: Callable[[str, float, float], None] | None = None,
     ):
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
@@ -87,6 +90,9 @@ class ChainRunner:
                 raise GadgetError(s.name, s.cls.__name__, e) from e
         self.sink = sink
         self.on_error = on_error
+        self.on_budget = on_budget
+        self.budgets_ms = [s.budget_ms for s in stages]
+        self._overrun = [False] * len(stages)
         self.times = [StageTimes(n, type(g).__name__) for n, g in zip(self.names, self.gadgets)]
         self.error: GadgetError | None = None
         self._abort = threading.Event()
@@ -151,6 +157,14 @@ class ChainRunner:
         else:
             self.sink(item, trace)
 
+    def _check_budget(self, index: int, took_ns: int) -> None:
+        self.times[index].durations_ns.append(took_ns)
+        budget = self.budgets_ms[index]
+        if budget is not None and not self._overrun[index] and took_ns / 1e6 > budget:
+            self._overrun[index] = True
+            if self.on_budget is not None:
+                self.on_budget(self.names[index], took_ns / 1e6, budget)
+
     def _run(self, index: int, outputs) -> int:
         """Emit each output as soon as the gadget yields it; returns the gadget's own time [ns].
 
@@ -169,7 +183,7 @@ class ChainRunner:
             self._emit(index, out, tr)
 
     def _work(self, index: int) -> None:
-        gadget, q, times = self.gadgets[index], self._queues[index], self.times[index].durations_ns
+        gadget, q = self.gadgets[index], self._queues[index]
         accepts = gadget.accepts
         try:
             while not self._abort.is_set():
@@ -178,7 +192,7 @@ class ChainRunner:
                 except queue.Empty:
                     continue
                 if msg is _END:
-                    times.append(self._run(index, gadget.close()))
+                    self._check_budget(index, self._run(index, gadget.close()))
                     if index + 1 < len(self.gadgets):
                         self._put(index + 1, _END)
                     return
@@ -186,7 +200,7 @@ class ChainRunner:
                 if not isinstance(item, accepts):
                     self._emit(index, item, trace)
                     continue
-                times.append(self._run(index, gadget.process(item, trace)))
+                self._check_budget(index, self._run(index, gadget.process(item, trace)))
         except Exception as e:
             self.error = GadgetError(self.names[index], type(gadget).__name__, e)
             self.error.__cause__ = e

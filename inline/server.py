@@ -41,16 +41,29 @@ class InlineServer(socketserver.ThreadingTCPServer):
 
     Args:
         host, port: address to listen on (port 0 picks a free port; see :attr:`port`).
-        settings: what every session uses (configs, journal, limits).
+        settings: what every session uses (configs, journal, limits, alert bus).
+        bus_endpoint: bind an alert bus here (e.g. ``tcp://127.0.0.1:5557``) unless
+            ``settings.bus`` is already set; None: no bus.
     """
 
     allow_reuse_address = True
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 9002, settings: SessionSettings | None = None):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 9002,
+        settings: SessionSettings | None = None,
+        bus_endpoint: str | None = None,
+    ):
         tune_process()
         self.settings = settings or SessionSettings()
+        self._own_bus = None
+        if bus_endpoint and self.settings.bus is None:
+            from inline.qc.bus import AlertBus
+
+            self._own_bus = self.settings.bus = AlertBus(bus_endpoint)
         self.active: dict[str, Session] = {}
         self.finished: list[Session] = []
         self.lock = threading.Lock()
@@ -73,6 +86,8 @@ class InlineServer(socketserver.ThreadingTCPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+        if self._own_bus is not None:
+            self._own_bus.close()
 
 
 def serve(host: str, port: int, settings: SessionSettings) -> None:

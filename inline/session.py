@@ -45,12 +45,16 @@ from inline.protocol import (
     Query,
     answer_query,
 )
+from inline.qc.alert import Alert, AlertCode, AlertFactory, Severity
+from inline.qc.bus import AlertLog
 from inline.trace import Trace, now_ns
 
 log = logging.getLogger(__name__)
 
 #: Image meta key with the image's latency from its last readout's arrival to its send [ms].
 LATENCY_META_KEY = "InlineLatencyAfterLastReadout_ms"
+#: Image meta key listing the QC alert codes known for the image's slice/repetition when it was sent.
+ALERTS_META_KEY = "InlineQCAlerts"
 
 _counter = itertools.count(1)
 
@@ -70,6 +74,9 @@ class SessionSettings:
         queue_size: bound of each inter-gadget queue [messages].
         idle_timeout_s: a peer silent this long mid-message is dropped [s].
         on_image: optional callback ``(session_id, image, latency_ms)`` for live views.
+        bus: the process's alert bus (:class:`inline.qc.bus.AlertBus`), or None.
+        alert_log_dir: where each session's alerts go as ``<session>.alerts.jsonl``;
+            None: the journal directory; no log when both are None.
     """
 
     config_dirs: list[Path] = field(default_factory=list)
@@ -78,6 +85,8 @@ class SessionSettings:
     queue_size: int = 64
     idle_timeout_s: float | None = 300.0
     on_image: Callable[[str, ismrmrd.Image, float], None] | None = None
+    bus: Any = None
+    alert_log_dir: Path | None = None
 
 
 class SessionError(RuntimeError):
@@ -108,6 +117,12 @@ class Session:
         self.summary: LatencySummary | None = None
         self._client_gone = False
         self._send_lock = threading.Lock()
+        self.alerts: list[Alert] = []
+        self._alert_lock = threading.Lock()
+        log_dir = settings.alert_log_dir or settings.journal_dir
+        self.alert_log = AlertLog(Path(log_dir) / f"{self.id}.alerts.jsonl") if log_dir else None
+        self.alert_factory: AlertFactory | None = None
+        self._chain_budget_overrun = False
 
     # -- main loop -------------------------------------------------------------------------
     def run(self) -> None:
@@ -127,6 +142,10 @@ class Session:
                     self.journal.close()
                 except Exception:
                     self.log.exception("session %s: journal conversion failed (the .mrd stream is kept)", self.id)
+            if self.alert_log is not None:
+                self.alert_log.close()
+            if self.alert_factory is not None:
+                self._event("event.session.end", images=self.images_sent, alerts=len(self.alerts), error=self.error)
             self.log.info("session %s: ended (%d images, %d messages received)", self.id, self.images_sent, self.reader.messages_received)
 
     def _serve(self) -> None:
@@ -222,7 +241,12 @@ class Session:
             self.log.info("session %s: parameters not used by any gadget: %s", self.id, ", ".join(unused))
         stages = validate_chain(spec)
         context = SessionContext(header=self.header, session_id=self.id, config_name=spec.name, log=logging.getLogger(f"inline.session.{self.id}"))
-        self.runner = ChainRunner(stages, context, self._sink, queue_size=self.settings.queue_size, on_error=self._fail).start()
+        self.budget_ms = spec.budget_ms
+        self.alert_factory = AlertFactory(context)
+        self.runner = ChainRunner(
+            stages, context, self._sink, queue_size=self.settings.queue_size, on_error=self._fail, on_budget=self._stage_over_budget
+        ).start()
+        self._event("event.session.start", config=self.config_label, peer=_peer(self.sock))
         self.log.info("session %s: chain %s: %s", self.id, self.config_label, " -> ".join(s.name for s in stages))
 
     def _sink(self, item: Any, trace: Trace) -> None:
@@ -232,6 +256,8 @@ class Session:
         try:
             if isinstance(item, ismrmrd.Image):
                 self._send_image(item, trace)
+            elif isinstance(item, Alert):
+                self.raise_alert(item)
             elif isinstance(item, str):
                 self.writer.send_text(item)
             else:
@@ -245,14 +271,98 @@ class Session:
 
     def _send_image(self, image: ismrmrd.Image, trace: Trace) -> None:
         meta = ismrmrd.Meta.deserialize(image.attribute_string) if image.attribute_string else ismrmrd.Meta()
+        codes = self._alerts_for(image)
+        if codes:
+            meta[ALERTS_META_KEY] = codes
         latency_ns = now_ns() - trace.last_arrival_ns
         meta[LATENCY_META_KEY] = f"{latency_ns / 1e6:.3f}"
         image.attribute_string = meta.serialize()
         self.writer.send_image(image)
         self.latencies_ns.append(latency_ns)
         self.images_sent += 1
+        latency_ms = latency_ns / 1e6
+        if self.budget_ms is not None and latency_ms > self.budget_ms and not self._chain_budget_overrun:
+            self._chain_budget_overrun = True
+            self.raise_alert(
+                self.alert_factory.make(
+                    AlertCode.LATENCY_BUDGET,
+                    Severity.WARNING,
+                    f"Reconstruction late in series {self.alert_factory.series}: image {image.image_index} "
+                    f"(slice {image.slice}) took {latency_ms:.0f} ms after its last readout, budget {self.budget_ms:.0f} ms.",
+                    "Images will arrive late; scanning can continue. Tell the physicist if it persists.",
+                    revealed_ns=trace.last_arrival_ns,
+                    slices=[image.slice],
+                    repetition=image.repetition,
+                    value=latency_ms,
+                    threshold=self.budget_ms,
+                    unit="ms",
+                    evidence={"image_index": image.image_index},
+                )
+            )
+        self._event(
+            "event.image",
+            series_index=image.image_series_index,
+            image_index=image.image_index,
+            slice=image.slice,
+            repetition=image.repetition,
+            latency_ms=latency_ms,
+            matrix=[int(m) for m in image.matrix_size],
+            alerts=codes,
+        )
         if self.settings.on_image is not None:
-            self.settings.on_image(self.id, image, latency_ns / 1e6)
+            self.settings.on_image(self.id, image, latency_ms)
+
+    # -- alerts and events ---------------------------------------------------------------
+    def raise_alert(self, alert: Alert, send_text: bool = True) -> None:
+        """Publish a QC alert: bus, JSONL log, TEXT to the scanner, meta of later images."""
+        alert.latency_ms = (now_ns() - alert.revealed_ns) / 1e6 if alert.revealed_ns else None
+        record = alert.to_record()
+        with self._alert_lock:
+            self.alerts.append(alert)
+        if self.settings.bus is not None:
+            self.settings.bus.publish(alert.topic, record)
+        if self.alert_log is not None:
+            self.alert_log.write(record)
+        self.log.warning("session %s: alert %s: %s", self.id, alert.code.value, alert.message)
+        if send_text:
+            self._send_safely(Text(alert.to_text()))
+
+    def _alerts_for(self, image: ismrmrd.Image) -> list[str]:
+        """Codes of the alerts that concern this image (its slice and repetition, or the series)."""
+        with self._alert_lock:
+            alerts = list(self.alerts)
+        return sorted(
+            {
+                a.code.value
+                for a in alerts
+                if (not a.slices or image.slice in a.slices) and (a.repetition is None or a.repetition == image.repetition)
+            }
+        )
+
+    def _stage_over_budget(self, stage: str, took_ms: float, budget_ms: float) -> None:
+        self.raise_alert(
+            self.alert_factory.make(
+                AlertCode.LATENCY_BUDGET,
+                Severity.WARNING,
+                f"Reconstruction slow in series {self.alert_factory.series}: stage {stage!r} took {took_ms:.0f} ms "
+                f"on one message, budget {budget_ms:.0f} ms.",
+                "Images may arrive late; scanning can continue. Tell the physicist if it persists.",
+                revealed_ns=now_ns(),
+                value=took_ms,
+                threshold=budget_ms,
+                unit="ms",
+                evidence={"stage": stage},
+            )
+        )
+
+    def _event(self, topic: str, **payload: Any) -> None:
+        if self.settings.bus is None:
+            return
+        factory = self.alert_factory
+        base = {"session": self.id, "time_unix_s": time.time()}
+        if factory is not None:
+            base.update(scanner=factory.scanner, series=factory.series)
+        self.settings.bus.publish(topic, {**base, **payload})
 
     # -- endings ---------------------------------------------------------------------------
     def _finish(self) -> None:
@@ -280,6 +390,20 @@ class Session:
         self.log.error("session %s: %s", self.id, self.error)
         if self.runner is not None:
             self.runner.abort()
+        # a chain that ran and broke (a gadget, or a bug of ours) is a recon failure; bad input is not
+        if self.alert_factory is not None and not isinstance(error, (ProtocolError, ConfigError, SessionError)):
+            journal = f" Raw data are kept ({self.journal.stream_path.name})." if self.journal is not None else ""
+            self.raise_alert(
+                self.alert_factory.make(
+                    AlertCode.RECON_FAILURE,
+                    Severity.CRITICAL,
+                    f"Reconstruction failed in series {self.alert_factory.series}: {error}.{journal}",
+                    "Images of this series will not arrive inline: continue or repeat the series, and tell the physicist.",
+                    revealed_ns=now_ns(),
+                    evidence={"error": self.error},
+                ),
+                send_text=False,  # the ERROR text below says it to the scanner
+            )
         self._send_safely(text_message("ERROR", str(error)))
         self._send_safely(CLOSE)
 

@@ -59,6 +59,8 @@ class Alert(BaseModel):
         value, threshold, unit: the measured metric against its threshold.
         message: what happened, for the radiographer; action: what to do about it.
         evidence: the metric values behind the finding (JSON-serialisable).
+        latency_ms: from the arrival of the revealing readout to publication on the bus
+            [ms]; set by the session when it publishes.
     """
 
     model_config = ConfigDict(use_enum_values=False)
@@ -80,6 +82,7 @@ class Alert(BaseModel):
     message: str
     action: str
     evidence: dict[str, Any] = Field(default_factory=dict)
+    latency_ms: float | None = None
 
     @property
     def topic(self) -> str:
