@@ -47,15 +47,24 @@ def serve(
     config_dir: list[Path] = typer.Option([], help="extra directory of chain configs (repeatable)"),
     max_message_mb: float = typer.Option(512.0, help="largest accepted message [MiB]"),
     queue_size: int = typer.Option(64, help="bound of each inter-gadget queue [messages]"),
+    bus: str = typer.Option("tcp://127.0.0.1:5557", help="ZeroMQ endpoint of the QC alert bus ('' turns it off)"),
+    alert_log_dir: Optional[Path] = typer.Option(None, help="JSONL alert logs (default: the journal directory, else ./alerts)"),
+    dashboard_port: int = typer.Option(8080, help="port of the radiographer dashboard on the host (-1 turns it off)"),
     log_level: str = typer.Option("info"),
 ) -> None:
-    """Serve MRD streaming connections: one chain per connection."""
+    """Serve MRD streaming connections: one chain per connection, QC alerts on the bus."""
     from inline.server import serve as run_server
     from inline.session import SessionSettings
 
     _logging(log_level)
-    settings = SessionSettings(config_dirs=list(config_dir), journal_dir=journal_dir, max_message_bytes=int(max_message_mb * 2**20), queue_size=queue_size)
-    run_server(host, port, settings)
+    settings = SessionSettings(
+        config_dirs=list(config_dir),
+        journal_dir=journal_dir,
+        max_message_bytes=int(max_message_mb * 2**20),
+        queue_size=queue_size,
+        alert_log_dir=alert_log_dir or (None if journal_dir else Path("alerts")),
+    )
+    run_server(host, port, settings, bus_endpoint=bus or None, dashboard_port=None if dashboard_port < 0 else dashboard_port)
 
 
 @app.command()
@@ -164,6 +173,26 @@ def gadgets() -> None:
         for pname, f in cls.Params.model_fields.items():
             t.add_row(f.alias or pname, escape(_type_name(f.annotation)), escape(repr(f.default)), escape(f.description or ""))
         console.print(t)
+
+
+@app.command("console")
+def console_view(bus: str = typer.Option("tcp://127.0.0.1:5557", help="alert bus to subscribe to")) -> None:
+    """Live terminal view for the radiographer: sessions, image latencies, alerts (a / a N to acknowledge, q to quit)."""
+    from inline.console import run_console
+
+    raise typer.Exit(run_console(bus))
+
+
+@app.command("dashboard")
+def dashboard_view(
+    bus: str = typer.Option("tcp://127.0.0.1:5557", help="alert bus to subscribe to"),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8080),
+) -> None:
+    """Serve the radiographer dashboard for a running server's bus (``inline serve`` starts one itself)."""
+    from inline.dashboard import DashboardServer
+
+    DashboardServer(bus, host, port).serve_forever()
 
 
 @app.command()

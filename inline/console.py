@@ -93,7 +93,7 @@ def images_view(state: dict[str, Any], max_rows: int = 12) -> RenderableType:
 def alerts_view(state: dict[str, Any], max_acknowledged: int = 5) -> RenderableType:
     table = Table(expand=True, show_edge=False, pad_edge=False, show_lines=True)
     table.add_column("#", justify="right", width=4)
-    table.add_column("severity", width=10)
+    table.add_column("severity", width=14)
     table.add_column("alert and what to do", ratio=3)
     table.add_column("where", ratio=1)
     table.add_column("time", width=8)
@@ -121,8 +121,8 @@ def render_view(state: ViewState | dict[str, Any], feedback: str = "", max_image
     """The whole console view of one snapshot (a :class:`Layout` filling the console)."""
     snap = state.to_dict() if isinstance(state, ViewState) else state
     layout = Layout()
-    layout.split_column(Layout(name="header", size=3), Layout(name="top", ratio=2), Layout(name="alerts", ratio=3), Layout(name="footer", size=1))
-    layout["top"].split_row(Layout(sessions_view(snap), name="sessions"), Layout(images_view(snap, max_images), name="images"))
+    layout.split_column(Layout(name="header", size=3), Layout(name="alerts", ratio=3), Layout(name="bottom", ratio=2), Layout(name="footer", size=1))
+    layout["bottom"].split_row(Layout(sessions_view(snap), name="sessions"), Layout(images_view(snap, max_images), name="images"))
     layout["header"].update(header_view(snap))
     layout["alerts"].update(alerts_view(snap))
     layout["footer"].update(Text.assemble((HELP, "dim"), ("   " + feedback if feedback else "", "bold")))

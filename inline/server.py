@@ -90,11 +90,27 @@ class InlineServer(socketserver.ThreadingTCPServer):
             self._own_bus.close()
 
 
-def serve(host: str, port: int, settings: SessionSettings) -> None:
-    """Run the server in the foreground until interrupted."""
-    with InlineServer(host, port, settings) as server:
-        log.info("inline serving on %s:%d (journal: %s)", host, server.port, settings.journal_dir or "off")
+def serve(host: str, port: int, settings: SessionSettings, bus_endpoint: str | None = None, dashboard_port: int | None = None) -> None:
+    """Run the server in the foreground until interrupted; with a bus, also the dashboard on
+    ``127.0.0.1:dashboard_port`` (None: no dashboard)."""
+    with InlineServer(host, port, settings, bus_endpoint=bus_endpoint) as server:
+        dashboard = None
+        if settings.bus is not None and dashboard_port is not None:
+            from inline.dashboard import DashboardServer
+
+            dashboard = DashboardServer(settings.bus.endpoint, "127.0.0.1", dashboard_port).start()
+            log.info("dashboard on %s", dashboard.url)
+        log.info(
+            "inline serving on %s:%d (journal: %s, alert bus: %s)",
+            host,
+            server.port,
+            settings.journal_dir or "off",
+            settings.bus.endpoint if settings.bus is not None else "off",
+        )
         try:
             server.serve_forever()
         except KeyboardInterrupt:
             log.info("interrupted; stopping")
+        finally:
+            if dashboard is not None:
+                dashboard.stop()
