@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import numpy as np  # noqa: E402
 import scipy  # noqa: E402
-from chain_helpers import build_chain, context, payloads, run_chain  # noqa: E402
+from chain_helpers import build_chain, build_stages, context, payloads, run_chain  # noqa: E402
 
 from gadgets.coil_combine import CoilCombine  # noqa: E402
 from gadgets.fft_recon import FFTRecon  # noqa: E402
@@ -62,7 +62,7 @@ def main() -> None:
 
     scan = simulate_scan(matrix=256, coils=32, slices=1, acceleration=4, acs_lines=24, seed=3)
     header = scan.header
-    (buf,) = payloads(run_chain(build_chain(header)[:3], scan.acquisitions), ReconBuffer)
+    (buf,) = payloads(run_chain(build_stages(header), scan.acquisitions), ReconBuffer)
     ctx = context(header)
     result: dict = {
         "benchmark": "GRAPPA per-slice latency, R=4, 2D, 32 coils, 256x256, 24 ACS lines",

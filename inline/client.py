@@ -10,6 +10,7 @@ until the server's CLOSE.
 from __future__ import annotations
 
 import json
+import re
 import logging
 import socket
 import threading
@@ -23,6 +24,9 @@ from inline.mrdfile import RawScan
 from inline.protocol import ConfigFile, ConfigText, MessageId, MessageReader, MessageWriter, ProtocolError
 
 log = logging.getLogger(__name__)
+
+#: A QC alert as TEXT: FIRE level prefix, then the alert code in brackets (inline.qc.alert).
+QC_ALERT_TEXT = re.compile(r"^(INFO|WARNING|ERROR)\s+\[[a-z_]+\] ")
 
 #: Duration of one ``acquisition_time_stamp`` tick: Siemens scanners count 2.5 ms [s].
 DEFAULT_TICK_S = 2.5e-3
@@ -49,7 +53,13 @@ class SendResult:
 
     @property
     def errors(self) -> list[str]:
-        return [t for t in self.texts if t.startswith("ERROR")]
+        """ERROR texts about the reconstruction itself (protocol, config, chain failures)."""
+        return [t for t in self.texts if t.startswith("ERROR") and not QC_ALERT_TEXT.match(t)]
+
+    @property
+    def alerts(self) -> list[str]:
+        """QC alert texts (``LEVEL   [code] message action``), critical ones included."""
+        return [t for t in self.texts if QC_ALERT_TEXT.match(t)]
 
 
 def send_scan(

@@ -83,6 +83,21 @@ def build_chain(header: Any, config: Path = DEFAULT_CONFIG, overrides: dict[str,
     return chain
 
 
+#: The stages that turn raw readouts into k-space buffers, by their names in the configs.
+TO_BUFFERS = ("noise", "oversampling", "accumulate")
+
+
+def build_stages(header: Any, names: Sequence[str] = TO_BUFFERS, config: Path = DEFAULT_CONFIG) -> list[Gadget]:
+    """The named stages of a chain config, in chain order."""
+    spec = yaml.safe_load(config.read_text())
+    keep = {st["name"] for st in spec["gadgets"] if st["name"] in names}
+    missing = set(names) - keep
+    if missing:
+        raise KeyError(f"{config.name} has no stages {sorted(missing)}")
+    ctx = context(header)
+    return [lookup(st["class"])(ctx, lookup(st["class"]).Params(**(st.get("parameters") or {}))) for st in spec["gadgets"] if st["name"] in keep]
+
+
 def read_mrd(path: Path) -> tuple[Any, list[ismrmrd.Acquisition]]:
     """Parsed XML header and all acquisitions of an ISMRMRD .h5 file."""
     dset = ismrmrd.Dataset(str(path), "dataset", create_if_needed=False)
