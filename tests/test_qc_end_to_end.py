@@ -1,0 +1,134 @@
+"""A faulty scan over a real socket: the right alert on the bus, in the JSONL log, as TEXT to
+the scanner, in image meta, in the console's data model and on the dashboard (Chromium)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import ismrmrd
+import pytest
+
+from conftest import wait_for_files
+from inline.client import send_scan
+from inline.console import render_view
+from inline.dashboard import DashboardServer
+from inline.mrdfile import RawScan
+from inline.qc.bus import read_log
+from inline.qc.faults import dead_coil
+from inline.qc.views import BusSubscriber, ViewState
+from inline.server import InlineServer
+from inline.session import ALERTS_META_KEY, SessionSettings
+from inline.simulate import simulate_scan
+from test_alert_bus import Collector
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "tests" / "artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+DEAD = 5  # the coil element that fails half way through the scan
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def faulty_scan() -> RawScan:
+    sim = simulate_scan(matrix=64, slices=4, coils=8, snr=40, seed=11)
+    return dead_coil(RawScan(sim.header_xml, list(sim.acquisitions)), channel=DEAD, from_fraction=0.5).scan
+
+
+@pytest.fixture
+def live(tmp_path):
+    srv = InlineServer("127.0.0.1", 0, SessionSettings(journal_dir=tmp_path / "journal", idle_timeout_s=10.0), bus_endpoint="tcp://127.0.0.1:*")
+    srv.start_background()
+    state = ViewState()
+    subscriber = BusSubscriber(state, srv.settings.bus.endpoint).start()
+    dashboard = DashboardServer(srv.settings.bus.endpoint, port=0).start()
+    collector = Collector(srv.settings.bus.endpoint, b"alert.")
+    yield srv, state, dashboard, collector
+    collector.close()
+    dashboard.stop()
+    subscriber.stop()
+    srv.stop()
+
+
+def dropout_alerts(records):
+    return [r for r in records if r["code"] == "coil_dropout"]
+
+
+def check_everywhere(srv, state, collector, result) -> dict:
+    assert result.closed and not result.errors, result.texts
+    # TEXT to the scanner, with the level prefix and the code
+    texts = [t for t in result.alerts if "[coil_dropout]" in t]
+    assert texts and texts[0].split()[0] in ("WARNING", "ERROR") and f"{DEAD}" in texts[0]
+    # on the bus
+    on_bus = collector.wait_for("alert.", 10)
+    bus_records = dropout_alerts([p for _, p in on_bus])
+    assert bus_records and bus_records[0]["evidence"]
+    record = bus_records[0]
+    assert record["latency_ms"] is not None and record["latency_ms"] < 100
+    # in the JSONL log
+    (log,) = wait_for_files(srv.settings.journal_dir, "*.alerts.jsonl")
+    assert record["id"] in [r["id"] for r in dropout_alerts(read_log(log))]
+    # in the meta of the images of the affected slices
+    flagged = [im for im in result.images if "coil_dropout" in (ismrmrd.Meta.deserialize(im.attribute_string).get(ALERTS_META_KEY) or [])]
+    assert flagged
+    # in the console's data model and its rendering
+    deadline = time.monotonic() + 5
+    while not dropout_alerts(state.to_dict()["alerts"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    view = state.to_dict()
+    assert dropout_alerts(view["alerts"])[0]["id"] == record["id"]
+    assert view["sessions"][0]["images"] == len(result.images)
+    from rich.console import Console
+
+    console = Console(record=True, width=160)
+    console.print(render_view(state))
+    assert record["action"][:40] in console.export_text().replace("\n", " ") or "coil_dropout" in console.export_text()
+    return record
+
+
+def test_faulty_scan_alert_reaches_every_view(live, faulty_scan):
+    srv, state, _dashboard, collector = live
+    result = send_scan(faulty_scan, "127.0.0.1", srv.port, config_name="default")
+    check_everywhere(srv, state, collector, result)
+
+
+@pytest.fixture
+def browser_page():
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (its browser download is not needed)")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
+    with playwright.sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
+        context = p.chromium.launch_persistent_context(
+            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS, viewport={"width": 1600, "height": 1000}
+        )
+        try:
+            yield context.pages[0] if context.pages else context.new_page()
+        finally:
+            context.close()
+
+
+def test_dashboard_shows_the_alert_of_a_streamed_faulty_scan(live, faulty_scan, browser_page):
+    srv, state, dashboard, collector = live
+    page = browser_page
+    page.goto(dashboard.url)
+    page.wait_for_selector("#conn.live", timeout=5000)
+    result = send_scan(faulty_scan, "127.0.0.1", srv.port, config_name="default", pace="fast")
+    record = check_everywhere(srv, state, collector, result)
+    card = page.locator(f'.card[data-id="{record["id"]}"]')
+    card.wait_for(timeout=5000)
+    assert record["message"] in card.inner_text()
+    assert "coil_dropout" in page.inner_text("#images") or page.inner_text("#sessions")
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "dashboard_streamed_fault.png"
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"dashboard screenshot: {shot}")
+    if os.environ.get("INLINE_UPDATE_DOCS_SCREENSHOT") == "1":
+        shutil.copyfile(shot, REPO / "docs" / "dashboard.png")
