@@ -168,6 +168,8 @@ class NoiseAdjust(AccumulatingGadget):
             yield text_message("WARNING", msg), self._noise_trace
             return
         self.prewhitening_matrix = np.linalg.inv(chol)
+        # tells image-level QC whether image noise is white with the known scale
+        self.context.shared["prewhitened"] = bool(self.params.perform_noise_adjust)
 
     def scaled_matrix(self, acquisition_dwell_time_us: float) -> np.ndarray:
         """Prewhitening matrix times :func:`bandwidth_scale` for this dwell time, complex64."""
