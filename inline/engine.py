@@ -165,7 +165,7 @@ class ChainRunner:
             if self.on_budget is not None:
                 self.on_budget(self.names[index], took_ns / 1e6, budget)
 
-    def _run(self, index: int, outputs) -> int:
+    def _run(self, index: int, outputs, skip: Any = None) -> int:
         """Emit each output as soon as the gadget yields it; returns the gadget's own time [ns].
 
         A gadget that yields its input first and then computes (a QC tap) does not delay
@@ -180,9 +180,71 @@ class ChainRunner:
             except StopIteration:
                 return spent + time.perf_counter_ns() - t0
             spent += time.perf_counter_ns() - t0
-            self._emit(index, out, tr)
+            if out is not skip:
+                self._emit(index, out, tr)
 
     def _work(self, index: int) -> None:
+        if getattr(self.gadgets[index], "tap", False):
+            self._work_tap(index)
+        else:
+            self._work_stage(index)
+
+    def _fail(self, index: int, e: Exception) -> None:
+        self.error = GadgetError(self.names[index], type(self.gadgets[index]).__name__, e)
+        self.error.__cause__ = e
+        log.exception("session %s: %s", self.context.session_id, self.error)
+        self._abort.set()
+        if self.on_error is not None:
+            self.on_error(self.error)
+
+    def _work_tap(self, index: int) -> None:
+        """A tap (``gadget.tap = True``, e.g. QC) sits beside the data path, not on it.
+
+        Every message goes on to the next stage at once; accepted ones are also handed to a
+        second thread that runs the gadget and emits only what it finds (its echo of the
+        input is dropped). A slow check therefore never delays images; it only delays its
+        own alerts. The side queue is unbounded: dropping data would make QC miss faults.
+        """
+        gadget, q = self.gadgets[index], self._queues[index]
+        side: queue.Queue = queue.Queue()
+
+        def inspect() -> None:
+            try:
+                while True:
+                    msg = side.get()
+                    if msg is _END:
+                        self._check_budget(index, self._run(index, gadget.close()))
+                        return
+                    item, trace = msg
+                    self._check_budget(index, self._run(index, gadget.process(item, trace), skip=item))
+                    if self._abort.is_set():
+                        return
+            except Exception as e:
+                self._fail(index, e)
+
+        worker = threading.Thread(target=inspect, name=f"{self.context.session_id}:{self.names[index]}:tap", daemon=True)
+        worker.start()
+        try:
+            while not self._abort.is_set():
+                try:
+                    msg = q.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                if msg is _END:
+                    side.put(_END)
+                    while worker.is_alive() and not self._abort.is_set():
+                        worker.join(0.05)
+                    if index + 1 < len(self.gadgets):
+                        self._put(index + 1, _END)
+                    return
+                item, trace = msg
+                self._emit(index, item, trace)
+                if isinstance(item, gadget.accepts):
+                    side.put(msg)
+        except Exception as e:
+            self._fail(index, e)
+
+    def _work_stage(self, index: int) -> None:
         gadget, q = self.gadgets[index], self._queues[index]
         accepts = gadget.accepts
         try:
@@ -202,9 +264,4 @@ class ChainRunner:
                     continue
                 self._check_budget(index, self._run(index, gadget.process(item, trace)))
         except Exception as e:
-            self.error = GadgetError(self.names[index], type(gadget).__name__, e)
-            self.error.__cause__ = e
-            log.exception("session %s: %s", self.context.session_id, self.error)
-            self._abort.set()
-            if self.on_error is not None:
-                self.on_error(self.error)
+            self._fail(index, e)

@@ -76,11 +76,15 @@ class Gadget:
         Params: pydantic model of the tunables (subclass of :class:`GadgetParams`).
         accepts: message types :meth:`process` is called with; others bypass the gadget.
         emits: message types the gadget may yield (documentation and ``inline gadgets``).
+        tap: True for gadgets that only inspect (QC): they never delay the data path.
     """
 
     Params: ClassVar[type[GadgetParams]] = GadgetParams
     accepts: ClassVar[tuple[type, ...]] = ()
     emits: ClassVar[tuple[type, ...]] = ()
+    #: A tap (QC) runs beside the data path on its own thread: the engine forwards every
+    #: message at once and keeps only what the tap finds (see ChainRunner._work_tap).
+    tap: ClassVar[bool] = False
 
     def __init__(self, context: SessionContext, params: GadgetParams | None = None):
         self.context = context

@@ -145,3 +145,35 @@ def test_outputs_leave_as_soon_as_they_are_yielded():
     assert [i for i, _ in seen] == [1, "checked 1"]
     assert seen[0][1] - t0 < 0.1 and seen[1][1] - t0 >= 0.2
     assert runner.times[0].durations_ns[0] >= 0.2e9  # the gadget's own time still counts
+
+
+class SlowInspector(AccumulatingGadget):
+    """A tap: takes 50 ms per message and reports every odd one; echoes its input like QC taps."""
+
+    accepts = (int,)
+    tap = True
+
+    def process(self, item, trace):
+        yield item, trace  # dropped by the engine: the data path already has it
+        time.sleep(0.05)
+        if item % 2:
+            yield f"odd {item}", trace
+
+    def close(self):
+        yield "inspected", Trace(0, 0)
+
+
+def test_a_tap_never_delays_the_data_path():
+    seen = []
+    stages = [Stage("qc", SlowInspector, SlowInspector.Params()), Stage("double", Double, Double.Params())]
+    runner = ChainRunner(stages, SessionContext(header=None), lambda i, t: seen.append((i, time.perf_counter())), queue_size=4).start()
+    t0 = time.perf_counter()
+    for k in range(6):
+        runner.put(k, Trace(k, k))
+    runner.close(timeout_s=10)
+    data = [(i, t) for i, t in seen if isinstance(i, int)]
+    assert [i for i, _ in data] == [0, 2, 4, 6, 8, 10]  # every message, once, in order
+    assert max(t for _, t in data) - t0 < 0.1  # not behind 6 x 50 ms of inspection
+    findings = [i for i, _ in seen if isinstance(i, str)]
+    assert findings == ["odd 1", "odd 3", "odd 5", "inspected"]  # all findings, after close
+    assert len(runner.times[0].durations_ns) == 7 and min(runner.times[0].durations_ns[:6]) >= 0.05e9

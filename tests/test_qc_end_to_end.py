@@ -39,7 +39,7 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture(scope="module")
 def faulty_scan() -> RawScan:
-    sim = simulate_scan(matrix=64, slices=4, coils=8, snr=40, seed=11)
+    sim = simulate_scan(matrix=64, slices=4, coils=8, snr=40, seed=11, tr_ms=20.0)  # 1.3 s at scanner pace
     return dead_coil(RawScan(sim.header_xml, list(sim.acquisitions)), channel=DEAD, from_fraction=0.5).scan
 
 
@@ -96,7 +96,7 @@ def check_everywhere(srv, state, collector, result) -> dict:
 
 def test_faulty_scan_alert_reaches_every_view(live, faulty_scan):
     srv, state, _dashboard, collector = live
-    result = send_scan(faulty_scan, "127.0.0.1", srv.port, config_name="default")
+    result = send_scan(faulty_scan, "127.0.0.1", srv.port, config_name="default", pace="realtime")
     check_everywhere(srv, state, collector, result)
 
 
@@ -120,7 +120,7 @@ def test_dashboard_shows_the_alert_of_a_streamed_faulty_scan(live, faulty_scan, 
     page = browser_page
     page.goto(dashboard.url)
     page.wait_for_selector("#conn.live", timeout=5000)
-    result = send_scan(faulty_scan, "127.0.0.1", srv.port, config_name="default", pace="fast")
+    result = send_scan(faulty_scan, "127.0.0.1", srv.port, config_name="default", pace="realtime")
     record = check_everywhere(srv, state, collector, result)
     card = page.locator(f'.card[data-id="{record["id"]}"]')
     card.wait_for(timeout=5000)
