@@ -15,6 +15,7 @@ the central k-space of each coil is a coil-weighted projection of the object).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -33,6 +34,7 @@ _NOISE = 1 << (ismrmrd.ACQ_IS_NOISE_MEASUREMENT - 1)
 _NAV = 1 << (ismrmrd.ACQ_IS_NAVIGATION_DATA - 1)
 _CAL = 1 << (ismrmrd.ACQ_IS_PARALLEL_CALIBRATION - 1)
 _LAST_IN_SLICE = 1 << (ismrmrd.ACQ_LAST_IN_SLICE - 1)
+_REVERSE = 1 << (ismrmrd.ACQ_IS_REVERSE - 1)
 #: Gadgetron's relative receiver noise bandwidth when the header does not give one.
 _DEFAULT_RECEIVER_NOISE_BANDWIDTH = 0.793
 #: E|z| / sqrt(E|z|^2) of a circular complex Gaussian sample (Rayleigh mean).
@@ -55,6 +57,34 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
     return float(abs(np.vdot(a, b)) / np.sqrt(na * nb))
 
 
+def _robust_outliers(
+    level: np.ndarray, floor: float, k: float, cap: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel: its ``level`` over the median of the other channels, and the threshold for it.
+
+    The threshold is ``exp(k * s)``, ``s`` the robust spread (1.4826 x median absolute
+    deviation) of the other channels' log levels, clipped to ``[floor, cap]`` (leaving the
+    channel itself out keeps a faulty channel from widening its own threshold). Two channels
+    have no spread: the threshold is ``floor``, the ratio the one to the other.
+    """
+    lv = np.log(np.maximum(np.asarray(level, dtype=np.float64), 1e-30))
+    n = lv.shape[0]
+    ratio = np.ones(n)
+    thr = np.full(n, np.inf)
+    if n < 2:
+        return ratio, thr
+    for c in range(n):
+        others = np.delete(lv, c)
+        m = float(np.median(others))
+        s = 1.4826 * float(np.median(np.abs(others - m))) if n > 2 else 0.0
+        t = max(np.log(floor), k * s)
+        if cap is not None:
+            t = min(t, np.log(max(cap, floor)))
+        ratio[c] = float(np.exp(lv[c] - m))
+        thr[c] = float(np.exp(t))
+    return ratio, thr
+
+
 @dataclass
 class _SliceState:
     """Per buffer (slice, contrast, phase, repetition, set): lines seen, spike references, centre."""
@@ -64,8 +94,11 @@ class _SliceState:
     imaging_kz: set[int] = field(default_factory=set)
     profiles: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (kz, ky) -> sum_c |x|
     centre: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (kz, ky) -> (coils, w) complex
+    band: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (kz, ky) -> (coils, 2 wx + 1) central kx
+    edge_noise: list[float] = field(default_factory=list)  # per line: channel-summed readout-edge power (motion)
     dropout_done: bool = False
     motion_done: bool = False
+    finished_midscan: bool = False
     finished: bool = False
     last_trace: Trace | None = None
 
@@ -82,14 +115,24 @@ class ReadoutQC(AccumulatingGadget):
       times both the running median along kx (``spike_median_window``) and the same kx
       (+-1 sample) of the nearest line of the same buffer already received, and
       ``spike_noise_ratio`` times the channel-summed noise mean.
-    * ``coil_noise`` / ``coil_dropout`` from the noise scan: a channel's noise std above
-      ``coil_noise_ratio`` or below ``coil_dropout_noise_ratio`` times the median channel.
+    * ``coil_noise`` from the noise scan: a channel's noise std, against the median of the
+      *other* channels, above ``exp(coil_noise_mad_k * s)`` where ``s`` is the robust spread
+      (1.4826 x median absolute deviation) of the other channels' log std, clipped to
+      [``coil_noise_min_ratio``, ``coil_noise_ratio``]: a tight array flags a 1.75x channel,
+      a widely spread one only 3x. ``coil_dropout``: below ``coil_dropout_noise_ratio`` x the
+      median channel.
     * ``coil_dropout`` in imaging: on the k-space centre lines, a channel whose
       centre-to-edge power ratio is below ``dropout_signal_ratio`` (noise only, or zeros)
       while it had signal before (own history) or the median channel has signal.
-    * ``coil_noise`` in imaging: a channel's high-kx noise power, relative to its noise scan,
-      above ``coil_noise_ratio**2`` times that of the median channel (over
-      ``noise_window_lines`` lines).
+    * ``coil_noise`` in imaging (every ``noise_window_lines`` outer-ky lines): per channel a
+      robust high-kx noise level (per line the median |x|^2 of the readout ends / ln 2, then
+      the 20th percentile over the outer lines so far: signal at high kx only raises it).
+      With a noise scan, relative to the channel's own noise-scan level (a channel whose noise
+      rose during the scan), flagged by the same robust rule as the noise scan (floor
+      ``coil_noise_ratio``: the imaging estimate keeps some signal); without one, the levels
+      themselves against the other channels with ``coil_noise_mad_k_imaging`` and no upper
+      clip (real arrays spread up to 5x without a fault); with two channels, the noisier one
+      above ``2.5 x`` the other.
     * ``incomplete_coverage``: at LAST_IN_SLICE (and at close for unfinished buffers), the
       ky/kz lattice lines (header encoding limits, acceleration factor, lattice offset taken
       from the acquired imaging lines) that never arrived.
@@ -109,20 +152,42 @@ class ReadoutQC(AccumulatingGadget):
             6.0,
             gt=1,
             description="A spike's channel-summed magnitude over the larger of its kx running median and the "
-            "neighbouring line at the same kx. Echo-peak lines differ from their neighbours by < 3x; 6 keeps a margin.",
+            "neighbouring line at the same kx (+-1 sample). Clean Cartesian simulated and real scans reach 2.6 "
+            "(echo peak, noise), the 2-channel EPI phantom 3.3; a 0.1 x peak spike gives >= 3.7 (its channels add "
+            "with random phases): configs/qc.yaml (Cartesian) uses 3.2, this conservative default suits EPI too.",
         )
         spike_noise_ratio: float = Field(
             10.0,
             gt=0,
-            description="A spike must also exceed this many times the channel-summed noise mean (noise-only samples "
-            "of 8+ channels fluctuate by ~20%, so 10x never fires on noise).",
+            description="A spike must also exceed this many times the channel-summed noise floor (median of the "
+            "readout's edge samples; the channel-summed Rayleigh noise of 2+ channels exceeds 5x its mean with "
+            "probability < 1e-9).",
         )
         spike_median_window: int = Field(9, ge=3, description="Running-median window along kx [samples].")
         coil_noise_ratio: float = Field(
             3.0,
             gt=1,
             description="Noise std of a channel over the median channel that flags it noisy (receive chains of one "
-            "array differ by < 2x; 3x is a fault).",
+            "array differ by < 2x; 3x is a fault). Upper clip of the robust threshold (see coil_noise_mad_k).",
+        )
+        coil_noise_min_ratio: float = Field(
+            1.75,
+            gt=1,
+            description="Lower clip of the robust coil-noise threshold: a channel below this many times the median "
+            "of the others is never flagged (simulated arrays span 0.7-1.5x; the real 14-channel Skyra 0.83-1.43x).",
+        )
+        coil_noise_mad_k: float = Field(
+            3.0,
+            gt=0,
+            description="Noise-scan coil_noise threshold: log(std / median of the other channels) above this many "
+            "robust spreads (1.4826 MAD of the other channels' log std), clipped to [coil_noise_min_ratio, "
+            "coil_noise_ratio].",
+        )
+        coil_noise_mad_k_imaging: float = Field(
+            4.0,
+            gt=0,
+            description="Without a noise scan: the same rule on the imaging high-kx levels, this many robust "
+            "spreads, floor coil_noise_ratio, no upper clip (the real 32-channel file spans 0.5-5.5x).",
         )
         coil_dropout_noise_ratio: float = Field(
             0.05, ge=0, description="Noise-scan std below this fraction of the median channel: channel dead."
@@ -153,12 +218,48 @@ class ReadoutQC(AccumulatingGadget):
         motion_threshold: float = Field(
             0.02,
             gt=0,
-            description="1 - correlation of the k-space centre against the first repetition; clean repetitions "
-            "give < 0.002 at SNR 10+, a 1-pixel shift ~0.02-0.05.",
+            description="Navigator: 1 - correlation against the first navigator. Repetitions: 1 - correlation of "
+            "the central k-space block against repetition 0 after removing the fitted translation (rotation and "
+            "coil-relative motion), in excess of the noise-only expectation.",
+        )
+        motion_block_fraction: float = Field(
+            0.125,
+            gt=0,
+            le=0.5,
+            description="Half-width of the central k-space block (ky, kz and kx) compared between repetitions and "
+            "checked for mid-scan consistency, as a fraction of the matrix (1/8: the central quarter).",
+        )
+        motion_residual_threshold: float = Field(
+            0.001,
+            gt=0,
+            description="Repetitions: median over the (low-noise) central-block lines of 1 - correlation against "
+            "repetition 0 after removing the fitted translation, in excess of the noise-only expectation, that is "
+            "reported as motion (rotation, coil-relative motion). Clean repetitions: |value| < 0.0005 (100 simulated "
+            "scans, the 2-channel real phantom); 2 deg rotation: >= 0.0012.",
+        )
+        motion_line_noise_max: float = Field(
+            0.05,
+            gt=0,
+            description="Central-block lines whose noise-only expectation of 1 - correlation exceeds this are "
+            "left out of the repetition comparison (unless fewer than 3 remain).",
+        )
+        motion_shift_mm: float = Field(
+            1.0,
+            gt=0,
+            description="Translation between a repetition and repetition 0, estimated from the phase ramp of their "
+            "cross-power in the central block, that is reported as motion [mm] (noise-only: < 0.1 mm).",
+        )
+        motion_jump_ratio: float = Field(
+            6.0,
+            gt=1,
+            description="Mid-scan motion: a pair of lines whose prediction error from their ky neighbours across "
+            "all coils (a GRAPPA-like kernel fitted on the slice) exceeds this many times the local median "
+            "(clean simulated slices reach 4.5).",
         )
         check_coverage: bool = Field(True, description="Report missing ky/kz lines.")
 
     accepts: ClassVar[tuple[type, ...]] = (ismrmrd.Acquisition,)
+    tap: ClassVar[bool] = True  # runs beside the data path: never delays the images
     emits: ClassVar[tuple[type, ...]] = (ismrmrd.Acquisition, Alert)
 
     def __init__(self, context, params=None):
@@ -195,9 +296,13 @@ class ReadoutQC(AccumulatingGadget):
         self.noise_std: np.ndarray | None = None  # (coils,) sqrt(E|n|^2) of the noise scan
         # imaging
         self._slices: dict[Key, _SliceState] = {}
+        self._readout_n: dict[Key, int] = {}
+        self.midscan_score = 0.0
         self._nav_ref: dict[int, np.ndarray] = {}
         self._dropout_hist: np.ndarray | None = None  # (coils,) max centre/edge ratio seen
         self._edge_power: list[np.ndarray] = []  # per-line (coils,) edge power, rolling window
+        self._coil_lines: list[np.ndarray] = []  # per outer line (coils,) robust high-kx noise power (coil_noise)
+        self._coil_pending = 0
         self._emitted: set[tuple] = set()
         self._dead: set[int] = set()
         self._noisy: set[int] = set()
@@ -242,18 +347,21 @@ class ReadoutQC(AccumulatingGadget):
         if med <= 0:
             return
         ratio = std / med
-        noisy = [int(c) for c in np.flatnonzero(ratio > self.params.coil_noise_ratio) if int(c) not in self._noisy]
+        loo, thr = _robust_outliers(std, self.params.coil_noise_min_ratio, self.params.coil_noise_mad_k,
+                                    self.params.coil_noise_ratio)
+        noisy = [int(c) for c in np.flatnonzero(loo > thr) if int(c) not in self._noisy]
         dead = [int(c) for c in np.flatnonzero(ratio < self.params.coil_dropout_noise_ratio) if int(c) not in self._dead]
         if noisy:
             self._noisy.update(noisy)
             yield self._alert(
                 AlertCode.COIL_NOISE, Severity.WARNING,
                 f"Noisy receive channel(s) {noisy} in series {self.series}: noise scan std "
-                f"{', '.join(f'{ratio[c]:.1f}x' for c in noisy)} the median channel.",
+                f"{', '.join(f'{loo[c]:.1f}x' for c in noisy)} the median of the other channels.",
                 "Check the coil connection and plug; if it persists deselect the element or swap the coil, "
                 "and repeat the series if images look grainy.",
-                trace, value=float(ratio[noisy].max()), threshold=self.params.coil_noise_ratio, unit="x median std",
-                evidence={"channels": noisy, "std_ratio": [round(float(ratio[c]), 3) for c in noisy],
+                trace, value=float(loo[noisy].max()), threshold=float(thr[noisy].min()), unit="x median std",
+                evidence={"channels": noisy, "std_ratio": [round(float(loo[c]), 3) for c in noisy],
+                          "threshold": [round(float(thr[c]), 3) for c in noisy],
                           "source": "noise_scan", "scan_counter": int(acq.scan_counter)},
             ), trace
         if dead:
@@ -297,21 +405,30 @@ class ReadoutQC(AccumulatingGadget):
         nx = data.shape[1]
         e = max(2, int(nx * self.params.edge_fraction))
         edge = 0.5 * (power[:, :e].mean(axis=1) + power[:, -e:].mean(axis=1))  # (coils,)
+        st.edge_noise.append(float(edge.sum()))
         yield from self._spike(item, trace, st, key, kz, ky, np.sqrt(power), edge)
         if self._outer_line(ky):
             yield from self._imaging_noise(item, trace, key, edge)
+        if self._block_line(ky, kz):
+            c0 = int(item.center_sample) if 0 < item.center_sample < nx else nx // 2
+            wx = max(4, int(round(nx * self.params.motion_block_fraction)))
+            st.band[(kz, ky)] = np.array(data[:, max(0, c0 - wx) : c0 + wx + 1])
+        self._readout_n[key] = nx
+        lo, hi, c = self._ky_lim
+        if (kz, ky) in st.band and abs(ky - c) <= max(2, int(round((hi - lo + 1) * self.params.motion_block_fraction))):
+            yield from self._motion(trace, key, st, final=False)
         centre = self._centre_line(ky, kz)
         if centre:
             yield from self._dropout(item, trace, key, st, power, edge, ky == self._ky_lim[2])
             c0 = int(item.center_sample) if 0 < item.center_sample < nx else nx // 2
             w = max(2, int(round(nx * self.params.centre_fraction)))
             st.centre[(kz, ky)] = np.array(data[:, max(0, c0 - w) : c0 + w + 1])
-            yield from self._motion(trace, key, st, final=False)
         if flags & _LAST_IN_SLICE:
             for k, s in self._slices.items():
                 if k[0] == key[0] and k[3] == key[3] and k[4] == key[4] and not s.finished:
                     s.finished = True
                     yield from self._motion(s.last_trace or trace, k, s, final=True)
+                    yield from self._midscan(s.last_trace or trace, k, s)
                     yield from self._coverage(s.last_trace or trace, k, s)
                     s.profiles.clear()
 
@@ -319,6 +436,13 @@ class ReadoutQC(AccumulatingGadget):
         """A line in the outer half of ky, whose high-kx samples are nearly noise only."""
         lo, hi, c = self._ky_lim
         return abs(ky - c) >= (hi - lo + 1) // 4
+
+    def _block_line(self, ky: int, kz: int) -> bool:
+        """Lines kept for motion: every ky (mid-scan check) of the central kz block."""
+        zlo, zhi, zc = self._kz_lim
+        if zhi > zlo:
+            return abs(kz - zc) <= max(1, int(round((zhi - zlo + 1) * self.params.motion_block_fraction)))
+        return True
 
     def _centre_line(self, ky: int, kz: int) -> bool:
         lo, hi, c = self._ky_lim
@@ -336,7 +460,7 @@ class ReadoutQC(AccumulatingGadget):
         m = mag.sum(axis=0)  # (samples,) channel-summed magnitude
         nx = m.shape[0]
         half = p.spike_median_window // 2
-        win = np.lib.stride_tricks.sliding_window_view(np.pad(m, half, mode="edge"), p.spike_median_window)
+        win = np.lib.stride_tricks.sliding_window_view(np.pad(m, half, mode="reflect"), p.spike_median_window)
         med = np.partition(win, half, axis=1)[:, half]
         ref = med
         neighbour = None
@@ -345,9 +469,15 @@ class ReadoutQC(AccumulatingGadget):
             if neighbour is not None and neighbour.shape[0] == nx:
                 break
             neighbour = None
-        st.profiles[(kz, ky)] = m
-        # noise floor: channel-summed Rayleigh mean of the edge (high-kx) noise
-        floor = _RAYLEIGH_MEAN * float(np.sqrt(np.maximum(edge, 0)).sum())
+        # profiles kept in forward kx order: reversed readouts (EPI, bipolar) are compared flipped
+        rev = bool(int(acq.flags) & _REVERSE)
+        st.profiles[(kz, ky)] = m[::-1] if rev else m
+        if neighbour is not None and rev:
+            neighbour = neighbour[::-1]
+        # noise floor: median channel-summed magnitude of the edge (high-kx) samples (a spike among them
+        # does not raise it, unlike their mean power; files without a noise scan rely on it)
+        e = max(2, int(nx * p.edge_fraction))
+        floor = float(np.median(np.concatenate([m[:e], m[-e:]])))
         if self.noise_std is not None and self.noise_std.shape[0] == mag.shape[0]:
             floor = min(floor, _RAYLEIGH_MEAN * float(self.noise_std.sum())) if floor > 0 else floor
         cand = np.flatnonzero((m > p.spike_ratio * med) & (m > p.spike_noise_ratio * floor))
@@ -383,37 +513,58 @@ class ReadoutQC(AccumulatingGadget):
 
     # -- coil health in imaging ------------------------------------------------------------
     def _imaging_noise(self, acq, trace, key: Key, edge: np.ndarray) -> Iterator[Output]:
-        if self.noise_std is None or self.noise_std.shape[0] != edge.shape[0] or edge.shape[0] < 3:
+        p = self.params
+        coils = edge.shape[0]
+        with_scan = self.noise_std is not None and self.noise_std.shape[0] == coils
+        if with_scan:
+            self._edge_power.append(edge)  # kept as before (motion's noise fallback)
+            if len(self._edge_power) >= p.noise_window_lines:
+                self._edge_power.clear()
+        if coils < 2:
             return
-        self._edge_power.append(edge)
-        if len(self._edge_power) < self.params.noise_window_lines:
-            return
-        # median over lines: robust to lines whose edges carry signal (k-space centre)
-        power = np.median(np.asarray(self._edge_power), axis=0)
-        self._edge_power.clear()
-        ref = np.maximum(self.noise_std**2, 1e-30)
-        rel = power / ref
-        med = float(np.median(rel))
-        if med <= 0:
-            return
-        ratio = np.sqrt(rel / med)
+        data = acq.data
+        e = max(2, int(data.shape[1] * p.edge_fraction))
+        ends = np.concatenate([data[:, :e], data[:, -e:]], axis=1)
+        # median |x|^2 / ln 2: the noise power of a line's readout ends, robust to a few signal samples
+        level = np.median(ends.real * ends.real + ends.imag * ends.imag, axis=1) / np.log(2.0)
+        if self._coil_lines and self._coil_lines[-1].shape != level.shape:
+            self._coil_lines.clear()
+        self._coil_lines.append(level)
+        del self._coil_lines[:-512]
+        self._coil_pending += 1
+        if self._coil_pending < p.noise_window_lines or (not with_scan and len(self._coil_lines) < 2 * p.noise_window_lines):
+            return  # without a noise scan nothing else anchors the levels: wait for two windows of lines
+        self._coil_pending = 0
+        # low percentile over the outer lines: lines whose ends carry signal only raise the level
+        power = np.percentile(np.asarray(self._coil_lines), 20, axis=0)
+        if with_scan:
+            std = np.sqrt(power / np.maximum(self.noise_std**2, 1e-30))  # x own noise-scan level
+            ratio, thr = _robust_outliers(std, p.coil_noise_ratio, p.coil_noise_mad_k_imaging, None)
+            source, unit = "imaging_high_kx", "x noise-scan std (vs median channel)"
+        else:
+            std = np.sqrt(power)
+            floor = 2.5 if coils == 2 else p.coil_noise_ratio
+            ratio, thr = _robust_outliers(std, floor, p.coil_noise_mad_k_imaging, None)
+            source, unit = "imaging_high_kx_no_noise_scan", "x median channel std"
         self.imaging_noise_ratio = ratio
-        noisy = [int(c) for c in np.flatnonzero(ratio > self.params.coil_noise_ratio) if int(c) not in self._noisy]
+        noisy = [int(c) for c in np.flatnonzero((ratio > thr) & (power > 0)) if int(c) not in self._noisy
+                 and int(c) not in self._dead]
         if not noisy:
             return
         self._noisy.update(noisy)
         s, rep = key[0], key[3]
+        ref = "its noise-scan level (relative to the other channels)" if with_scan else "the other channels"
         yield self._alert(
             AlertCode.COIL_NOISE, Severity.WARNING,
             f"Noisy receive channel(s) {noisy} in series {self.series} from {slice_label([s])}, repetition {rep}: "
-            f"imaging noise {', '.join(f'{ratio[c]:.1f}x' for c in noisy)} the noise-scan level (relative to the "
-            "median channel).",
+            f"imaging noise {', '.join(f'{ratio[c]:.1f}x' for c in noisy)} {ref}.",
             "Check the coil plug and cable and for electronic devices near the bore; repeat the series if images "
             "look grainy or striped.",
-            trace, slices=[s], repetition=rep, value=float(ratio[noisy].max()), threshold=self.params.coil_noise_ratio,
-            unit="x noise-scan std",
+            trace, slices=[s], repetition=rep, value=float(ratio[noisy].max()), threshold=float(thr[noisy].min()),
+            unit=unit,
             evidence={"channels": noisy, "std_ratio": [round(float(ratio[c]), 3) for c in noisy],
-                      "source": "imaging_high_kx", "scan_counter": int(acq.scan_counter)},
+                      "threshold": [round(float(thr[c]), 3) for c in noisy], "lines": len(self._coil_lines),
+                      "source": source, "scan_counter": int(acq.scan_counter)},
         ), trace
 
     def _dropout(self, acq, trace, key: Key, st: _SliceState, power: np.ndarray, edge: np.ndarray, at_centre: bool
@@ -460,40 +611,162 @@ class ReadoutQC(AccumulatingGadget):
         ), trace
 
     # -- motion ---------------------------------------------------------------------------
+    def _pixel_mm(self) -> tuple[float, float]:
+        """Encoded pixel size (readout incl. oversampling, phase) [mm]."""
+        enc = self.header.encoding[0] if getattr(self.header, "encoding", None) else None
+        es = getattr(enc, "encodedSpace", None)
+        fov, ms = getattr(es, "fieldOfView_mm", None), getattr(es, "matrixSize", None)
+        try:
+            return float(fov.x) / float(ms.x), float(fov.y) / float(ms.y)
+        except (AttributeError, TypeError, ZeroDivisionError):
+            return 1.0, 1.0
+
+    def _block_keys(self, st: _SliceState) -> list[tuple[int, int]]:
+        """Lines of the central block (ky and kz within ``motion_block_fraction``) that ``st`` holds."""
+        lo, hi, c = self._ky_lim
+        wy = max(2, int(round((hi - lo + 1) * self.params.motion_block_fraction)))
+        return sorted(k for k in st.band if abs(k[1] - c) <= wy)
+
+    def _noise_power(self, coils: int) -> float | None:
+        """Sum over channels of the per-sample noise power ``E|n|^2`` (noise scan, else imaging edges)."""
+        if self.noise_std is not None and self.noise_std.shape[0] == coils:
+            return float((self.noise_std**2).sum())
+        if self._edge_power:
+            return float(np.median(np.asarray(self._edge_power), axis=0).sum())
+        return None
+
     def _motion(self, trace: Trace, key: Key, st: _SliceState, final: bool) -> Iterator[Output]:
+        """Repetition ``key[3]`` against repetition 0: estimated translation and residual change."""
         if st.motion_done or key[3] == 0:
             return
-        ref_key = (key[0], key[1], key[2], 0, key[4])
-        ref = self._slices.get(ref_key)
-        if ref is None or not ref.centre:
+        ref = self._slices.get((key[0], key[1], key[2], 0, key[4]))
+        if ref is None or not ref.band:
             return
-        common = sorted(set(ref.centre) & set(st.centre))
-        if not final and len(common) < len(ref.centre):
-            return  # wait for every centre line the first repetition had
-        if not common:
+        ref_keys = self._block_keys(ref)
+        common = [k for k in ref_keys if k in st.band]
+        if not final and len(common) < len(ref_keys):
+            return  # wait for every block line the first repetition had
+        if len(common) < 2:
             return
         st.motion_done = True
         try:
-            a = np.concatenate([ref.centre[k].ravel() for k in common])
-            b = np.concatenate([st.centre[k].ravel() for k in common])
+            a = np.stack([ref.band[k] for k in common]).astype(np.complex128)  # (lines, coils, w)
+            b = np.stack([st.band[k] for k in common]).astype(np.complex128)
         except ValueError:
             return
-        change = 1.0 - _correlation(a, b)
-        mag_change = float(abs(np.linalg.norm(b) - np.linalg.norm(a)) / max(float(np.linalg.norm(a)), 1e-30))
-        if change <= self.params.motion_threshold:
+        r = np.einsum("lcw,lcw->lw", a.conj(), b)  # cross-power per k
+        nx = max(int(self._readout_n.get(key, 0)), a.shape[2])
+        ny = self._ky_lim[1] - self._ky_lim[0] + 1
+        # translation from the phase ramp of the cross-power: shift d [px] gives exp(-2 pi i k d / n)
+        dx = -float(np.angle(np.sum(r[:, 1:] * r[:, :-1].conj()))) * nx / (2 * np.pi)
+        kys = np.array([k[1] for k in common])
+        pairs = [(i, i + 1) for i in range(len(common) - 1)
+                 if common[i + 1][0] == common[i][0] and kys[i + 1] == kys[i] + 1]
+        dy = 0.0
+        if pairs:
+            i0, i1 = np.array(pairs).T
+            dy = -float(np.angle(np.sum(r[i1] * r[i0].conj()))) * ny / (2 * np.pi)
+        kx = np.arange(r.shape[1]) - r.shape[1] // 2
+        ramp = np.exp(2j * np.pi * (kx[None, :] * dx / nx + (kys - self._ky_lim[2])[:, None] * dy / ny))
+        # residual change per line (each line weighted alike: the k-space centre would dominate and hide
+        # rotation), in excess of what the noise alone gives (1 - corr ~ N / S)
+        sa = (np.abs(a) ** 2).sum(axis=(1, 2))
+        sb = (np.abs(b) ** 2).sum(axis=(1, 2))
+        if np.any(sa <= 0) or np.any(sb <= 0):
+            return
+        corr = np.abs((r * ramp).sum(axis=1)) / np.sqrt(sa * sb)
+        npow = self._noise_power(a.shape[1])
+        if not npow and (ref.edge_noise or st.edge_noise):  # no noise scan: the readout edges (median line)
+            npow = float(np.median(ref.edge_noise + st.edge_noise))
+        expected = 0.5 * a.shape[2] * npow * (1 / sa + 1 / sb) if npow else np.zeros_like(sa)
+        # lines whose noise-only change is small: noisy outer lines would dominate the median
+        good = expected <= self.params.motion_line_noise_max
+        if good.sum() < 3:
+            good = np.ones_like(good)
+        excess = float(np.median((1.0 - corr - expected)[good]))
+        expected = float(np.median(expected[good]))
+        px, py = self._pixel_mm()
+        shift_mm = float(np.hypot(dx * px, dy * py))
+        p = self.params
+        if shift_mm < p.motion_shift_mm and excess <= p.motion_residual_threshold:
             return
         s, rep = key[0], key[3]
         if not self._once((AlertCode.MOTION, s, rep)):
             return
         yield self._alert(
             AlertCode.MOTION, Severity.WARNING,
-            f"Motion in series {self.series}, {slice_label([s])}, repetition {rep}: the k-space centre changed by "
-            f"{100 * change:.1f}% against repetition 0.",
+            f"Motion in series {self.series}, {slice_label([s])}, repetition {rep}: shifted by {shift_mm:.1f} mm "
+            f"against repetition 0 (k-space centre otherwise changed by {100 * max(excess, 0):.1f}%).",
             "Ask the patient to keep still and repeat the series (or the affected repetitions).",
-            trace, slices=[s], repetition=rep, value=change, threshold=self.params.motion_threshold,
-            unit="1 - correlation",
-            evidence={"reference_repetition": 0, "centre_lines": len(common), "magnitude_change": round(mag_change, 4),
+            trace, slices=[s], repetition=rep, value=shift_mm, threshold=p.motion_shift_mm, unit="mm",
+            evidence={"reference_repetition": 0, "block_lines": len(common), "shift_mm": [round(dx * px, 3),
+                      round(dy * py, 3)], "residual_change": round(excess, 5), "noise_expected": round(expected, 5),
                       "source": "kspace_centre"},
+        ), trace
+
+    def _midscan(self, trace: Trace, key: Key, st: _SliceState) -> Iterator[Output]:
+        """Motion within one buffer: lines inconsistent with their ky neighbours across the coils.
+
+        A kernel predicting each line from its two ky neighbours (3 kx samples, all coils; the
+        coil sensitivities make fully sampled multi-coil k-space redundant, as GRAPPA uses) is
+        fitted on the buffer's central kx band; after a rigid motion the lines on either side of
+        the motion are predicted from data of the other object position and their error jumps.
+        """
+        if st.finished_midscan or len(st.band) < 12:
+            return
+        st.finished_midscan = True
+        zs = Counter(k[0] for k in st.band)
+        z = self._kz_lim[2] if self._kz_lim[1] > self._kz_lim[0] and self._kz_lim[2] in zs else zs.most_common(1)[0][0]
+        kys = sorted(k[1] for k in st.band if k[0] == z)
+        have = set(kys)
+        targets = [y for y in kys if y - 1 in have and y + 1 in have]
+        try:
+            lines = {y: st.band[(z, y)] for y in kys}
+            shape = next(iter(lines.values())).shape
+            if len(targets) < 10 or any(v.shape != shape for v in lines.values()) or shape[0] < 2:
+                return
+        except StopIteration:
+            return
+        coils, w = shape
+        def feats(y):
+            lo, hi = lines[y - 1], lines[y + 1]
+            return np.concatenate([lo[:, :-2], lo[:, 1:-1], lo[:, 2:], hi[:, :-2], hi[:, 1:-1], hi[:, 2:]])
+        x = np.stack([feats(y) for y in targets])  # (t, 6 coils, w - 2)
+        yv = np.stack([lines[y][:, 1:-1] for y in targets])  # (t, coils, w - 2)
+        xm = x.transpose(0, 2, 1).reshape(-1, x.shape[1]).astype(np.complex128)
+        ym = yv.transpose(0, 2, 1).reshape(-1, coils).astype(np.complex128)
+        g = xm.conj().T @ xm
+        lam = 1e-4 * float(np.real(np.trace(g))) / g.shape[0]
+        kern = np.linalg.solve(g + lam * np.eye(g.shape[0]), xm.conj().T @ ym)
+        res = (ym - xm @ kern).reshape(len(targets), w - 2, coils)
+        err = np.median((np.abs(res) ** 2).sum(axis=2), axis=1)  # robust to a spike at one kx
+        sig = np.median((np.abs(ym.reshape(len(targets), w - 2, coils)) ** 2).sum(axis=2), axis=1)
+        e = err / np.maximum(sig, 1e-30)
+        t = np.array(targets)
+        z_scores = np.ones_like(e)
+        for i, y in enumerate(t):
+            near = (np.abs(t - y) >= 2) & (np.abs(t - y) <= 6)
+            if near.sum() >= 3:
+                z_scores[i] = e[i] / max(float(np.median(e[near])), 1e-30)
+        pair = [(min(z_scores[i], z_scores[i + 1]), int(t[i])) for i in range(len(t) - 1) if t[i + 1] == t[i] + 1]
+        if not pair:
+            return
+        score, at = max(pair)
+        self.midscan_score = score
+        p = self.params
+        if score <= p.motion_jump_ratio:
+            return
+        s, rep = key[0], key[3]
+        if not self._once((AlertCode.MOTION, s, rep)):
+            return
+        yield self._alert(
+            AlertCode.MOTION, Severity.WARNING,
+            f"Motion in series {self.series}, {slice_label([s])}, repetition {rep}: k-space lines from ky {at} on "
+            f"are inconsistent with the lines before ({score:.1f}x the local prediction error).",
+            "Ask the patient to keep still and repeat the series (or the affected slices).",
+            trace, slices=[s], repetition=rep, value=float(score), threshold=p.motion_jump_ratio,
+            unit="x local prediction error",
+            evidence={"ky": at, "kz": z, "source": "kspace_consistency"},
         ), trace
 
     def _navigator(self, acq: ismrmrd.Acquisition, trace: Trace) -> Iterator[Output]:
@@ -564,4 +837,5 @@ class ReadoutQC(AccumulatingGadget):
             if not s.finished and s.last_trace is not None:
                 s.finished = True
                 yield from self._motion(s.last_trace, k, s, final=True)
+                yield from self._midscan(s.last_trace, k, s)
                 yield from self._coverage(s.last_trace, k, s)

@@ -132,3 +132,38 @@ def test_dashboard_shows_the_alert_of_a_streamed_faulty_scan(live, faulty_scan, 
     print(f"dashboard screenshot: {shot}")
     if os.environ.get("INLINE_UPDATE_DOCS_SCREENSHOT") == "1":
         shutil.copyfile(shot, REPO / "docs" / "dashboard.png")
+
+
+# -- alert latency at scanner pace, per fault kind ---------------------------------------------
+from inline.qc import faults  # noqa: E402
+
+
+def _paced_base(**kw) -> RawScan:
+    sim = simulate_scan(matrix=64, coils=8, snr=40, seed=21, tr_ms=20.0, **kw)  # 64 lines in 1.3 s per repetition
+    return RawScan(sim.header_xml, list(sim.acquisitions))
+
+
+PACED_FAULTS = {
+    "rf_spike": lambda: faults.rf_spike(_paced_base(slices=2), amplitude_rel=0.5, n_spikes=1, seed=3).scan,
+    "coil_dropout": lambda: faults.dead_coil(_paced_base(slices=2), channel=2, from_fraction=0.4).scan,
+    "incomplete_coverage": lambda: faults.missing_lines(_paced_base(slices=2), fraction=0.1, region="centre", seed=2).scan,
+    "motion": lambda: faults.repetition_motion(_paced_base(slices=1, repetitions=2), repetition=1, translation_mm=(3.0, 0.0)).scan,
+    "low_snr": lambda: faults.raised_noise(_paced_base(slices=2), factor=10.0, seed=4).scan,
+}
+
+
+@pytest.mark.parametrize("code", sorted(PACED_FAULTS))
+def test_alert_latency_at_scanner_pace(live, code):
+    """From the arrival of the readout that reveals the fault to the alert on the bus: < 100 ms."""
+    srv, _state, _dashboard, collector = live
+    result = send_scan(PACED_FAULTS[code](), "127.0.0.1", srv.port, config_name="default", pace="realtime")
+    assert result.closed and not result.errors, result.texts
+    found = [p for _, p in collector.wait_for(f"alert.", 10) if p["code"] == code]
+    deadline = time.monotonic() + 5
+    while not found and time.monotonic() < deadline:
+        time.sleep(0.05)
+        found = [p for _, p in collector.messages if p.get("code") == code]
+    assert found, f"no {code} alert; got {[p.get('code') for _, p in collector.messages]}"
+    latencies = [p["latency_ms"] for p in found]
+    print(f"{code}: alert latency {', '.join(f'{v:.1f}' for v in latencies)} ms")
+    assert max(latencies) < 100
