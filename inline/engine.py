@@ -13,6 +13,7 @@ others (Holoscan's multithread scheduler makes the same bet).
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -33,6 +34,15 @@ class _End:
 
 
 _END = _End()
+
+
+def _lower_priority() -> None:
+    """Nice the calling thread (Linux: a thread id is a process id for setpriority), so a
+    tap's inspection yields the CPU to the data path when both want it."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not permitted: keep the default
+        pass
 
 
 class GadgetError(RuntimeError):
@@ -209,6 +219,7 @@ class ChainRunner:
         side: queue.Queue = queue.Queue()
 
         def inspect() -> None:
+            _lower_priority()
             try:
                 while True:
                     msg = side.get()
