@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import numpy as np  # noqa: E402
 import scipy  # noqa: E402
-from chain_helpers import build_chain, build_stages, context, payloads, run_chain  # noqa: E402
+from chain_helpers import build_stages, context, payloads, run_chain  # noqa: E402
 
 from gadgets.coil_combine import CoilCombine  # noqa: E402
 from gadgets.fft_recon import FFTRecon  # noqa: E402

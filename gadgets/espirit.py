@@ -213,8 +213,6 @@ def espirit_maps(
         ``maps`` ``(coils, ny, nx)`` complex64 (unit norm per pixel inside the crop) and
         ``eigenvalues`` ``(ny, nx)`` float32.
     """
-    xp = get_array_module(calib)
-    fft = fft_module(xp)
     coils, cy, cx = calib.shape
     ny, nx = image_shape
     w = int(kernel_width)

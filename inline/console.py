@@ -20,7 +20,7 @@ import threading
 from datetime import datetime
 from typing import IO, Any
 
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, RenderableType
 from rich.layout import Layout
 from rich.live import Live
 from rich.panel import Panel

@@ -86,7 +86,7 @@ def read_scan(path: str | Path, dataset: str = "dataset") -> RawScan:
 
 
 def _read_stream(path: Path) -> RawScan:
-    from inline.protocol import Header, MessageId, MessageReader
+    from inline.protocol import MessageId, MessageReader
 
     xml, items = None, []
     with open(path, "rb") as fh:

@@ -10,7 +10,6 @@ import logging
 import socket
 import socketserver
 import threading
-from pathlib import Path
 
 from inline.allocator import tune_process
 from inline.journal import recover

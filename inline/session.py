@@ -27,7 +27,6 @@ from typing import Any, Callable
 
 import ismrmrd
 
-from inline import __version__
 from inline.config import ChainSpec, ConfigError, apply_overrides, config_search_path, load_chain, parse_chain, validate_chain
 from inline.engine import ChainRunner, GadgetError
 from inline.gadget import SessionContext, Text, text_message
@@ -35,14 +34,10 @@ from inline.journal import Journal
 from inline.latency import LatencySummary
 from inline.protocol import (
     CLOSE,
-    ConfigFile,
-    ConfigText,
-    Header,
     MessageId,
     MessageReader,
     MessageWriter,
     ProtocolError,
-    Query,
     answer_query,
 )
 from inline.qc.alert import Alert, AlertCode, AlertFactory, Severity

@@ -59,3 +59,29 @@ def wait_for_files(directory: Path, pattern: str, count: int = 1, timeout_s: flo
         if len(found) >= count or time.monotonic() > deadline:
             return found
         time.sleep(0.05)
+
+
+CHROMIUM_FLAGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+@pytest.fixture
+def browser_page():
+    """A page of Debian's headless Chromium driven by playwright (no browser download)."""
+    import os
+    import tempfile
+
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (its browser download is not needed)")
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not os.access(chromium, os.X_OK):
+        pytest.skip(f"Chromium not found at {chromium} (apt-get install chromium)")
+    with playwright.sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
+        context = p.chromium.launch_persistent_context(
+            profile, executable_path=chromium, headless=True, args=CHROMIUM_FLAGS, viewport={"width": 1600, "height": 1000}
+        )
+        try:
+            yield context.pages[0] if context.pages else context.new_page()
+        finally:
+            context.close()

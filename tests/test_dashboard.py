@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,11 +22,6 @@ from bus_helpers import BusPublisher, image_event, motion_alert, session_start, 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "tests" / "artifacts"
 DOCS_SCREENSHOT = REPO / "docs" / "dashboard.png"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_FLAGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -112,21 +106,6 @@ def test_stop_ends_open_event_streams(bus):
     dash.stop()
     assert stream.read() is not None  # returns (end of stream) instead of hanging
     stream.close()
-
-
-@pytest.fixture
-def browser_page():
-    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (its browser download is not needed)")
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
-    with playwright.sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
-        context = p.chromium.launch_persistent_context(
-            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS, viewport={"width": 1600, "height": 1000}
-        )
-        try:
-            yield context.pages[0] if context.pages else context.new_page()
-        finally:
-            context.close()
 
 
 def test_page_shows_alert_live_and_acknowledges(bus, dashboard, browser_page):

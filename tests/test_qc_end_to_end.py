@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,11 +26,6 @@ from test_alert_bus import Collector
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "tests" / "artifacts"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_FLAGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 DEAD = 5  # the coil element that fails half way through the scan
 
 pytestmark = pytest.mark.timeout(120)
@@ -100,21 +94,6 @@ def test_faulty_scan_alert_reaches_every_view(live, faulty_scan):
     check_everywhere(srv, state, collector, result)
 
 
-@pytest.fixture
-def browser_page():
-    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (its browser download is not needed)")
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
-    with playwright.sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
-        context = p.chromium.launch_persistent_context(
-            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS, viewport={"width": 1600, "height": 1000}
-        )
-        try:
-            yield context.pages[0] if context.pages else context.new_page()
-        finally:
-            context.close()
-
-
 def test_dashboard_shows_the_alert_of_a_streamed_faulty_scan(live, faulty_scan, browser_page):
     srv, state, dashboard, collector = live
     page = browser_page
@@ -158,7 +137,7 @@ def test_alert_latency_at_scanner_pace(live, code):
     srv, _state, _dashboard, collector = live
     result = send_scan(PACED_FAULTS[code](), "127.0.0.1", srv.port, config_name="default", pace="realtime")
     assert result.closed and not result.errors, result.texts
-    found = [p for _, p in collector.wait_for(f"alert.", 10) if p["code"] == code]
+    found = [p for _, p in collector.wait_for("alert.", 10) if p["code"] == code]
     deadline = time.monotonic() + 5
     while not found and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -3,11 +3,9 @@ concurrent sessions; the server keeps serving after every error."""
 
 from __future__ import annotations
 
-import json
 import socket
 import struct
 import threading
-import time
 from pathlib import Path
 
 import ismrmrd

@@ -52,23 +52,13 @@ from scipy import ndimage
 from inline.buffers import EncodingInfo
 from inline.mrdfile import RawScan
 from inline.protocol import parse_header
+from gadgets._common import NON_IMAGING_MASK
 from inline.qc.alert import AlertCode
 
 #: Relative receiver noise bandwidth used when the header does not give one (Siemens, Gadgetron default).
 DEFAULT_RELATIVE_RECEIVER_NOISE_BANDWIDTH = 0.793
 
-_NON_IMAGING_FLAGS = (
-    ismrmrd.ACQ_IS_NOISE_MEASUREMENT,
-    ismrmrd.ACQ_IS_NAVIGATION_DATA,
-    ismrmrd.ACQ_IS_PHASECORR_DATA,
-    ismrmrd.ACQ_IS_HPFEEDBACK_DATA,
-    ismrmrd.ACQ_IS_DUMMYSCAN_DATA,
-    ismrmrd.ACQ_IS_RTFEEDBACK_DATA,
-    ismrmrd.ACQ_IS_SURFACECOILCORRECTIONSCAN_DATA,
-    ismrmrd.ACQ_IS_PHASE_STABILIZATION_REFERENCE,
-    ismrmrd.ACQ_IS_PHASE_STABILIZATION,
-)
-_NON_IMAGING_MASK = sum(1 << (f - 1) for f in _NON_IMAGING_FLAGS)
+_NON_IMAGING_MASK = NON_IMAGING_MASK  # the accumulator's definition: these lines never reach an image
 _NOISE_BIT = 1 << (ismrmrd.ACQ_IS_NOISE_MEASUREMENT - 1)
 #: FIRST_IN_* / LAST_IN_* loop flags (encode step 1 .. segment) and LAST_IN_MEASUREMENT.
 _FIRST_MASK = sum(1 << (f - 1) for f in range(1, 18, 2))

@@ -14,7 +14,7 @@ from functools import cache
 
 import numpy as np
 import pytest
-from chain_helpers import build_chain, build_stages, centred_fft, centred_ifft, context, make_header, payloads, run_chain
+from chain_helpers import build_stages, centred_fft, centred_ifft, context, make_header, payloads, run_chain
 
 from gadgets.grappa import GRAPPA, GrappaError, apply_hybrid, apply_image, calibrate, find_lattice
 from inline.buffers import AcquisitionIndex, EncodingInfo, ReconBuffer

@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from chain_helpers import build_chain, build_stages, centred_fft, centred_ifft, context, make_header, payloads, run_chain
+from chain_helpers import build_stages, centred_fft, centred_ifft, context, make_header, payloads, run_chain
 
 from gadgets.partial_fourier import PartialFourier
 from inline.buffers import AcquisitionIndex, EncodingInfo, ReconBuffer
