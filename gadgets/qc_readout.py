@@ -690,18 +690,26 @@ class ReadoutQC(AccumulatingGadget):
         p = self.params
         if shift_mm < p.motion_shift_mm and excess <= p.motion_residual_threshold:
             return
+        yield from self._motion_alert(
+            trace, key,
+            f"shifted by {shift_mm:.1f} mm against repetition 0 "
+            f"(k-space centre otherwise changed by {100 * max(excess, 0):.1f}%)",
+            "repetitions", value=shift_mm, threshold=p.motion_shift_mm, unit="mm",
+            evidence={"reference_repetition": 0, "block_lines": len(common), "shift_mm": [round(dx * px, 3),
+                      round(dy * py, 3)], "residual_change": round(excess, 5), "noise_expected": round(expected, 5),
+                      "source": "kspace_centre"},
+        )
+
+    def _motion_alert(self, trace: Trace, key: Key, finding: str, affected: str, **kw) -> Iterator[Output]:
+        """One motion alert per (slice, repetition): what was found and what to repeat."""
         s, rep = key[0], key[3]
         if not self._once((AlertCode.MOTION, s, rep)):
             return
         yield self._alert(
             AlertCode.MOTION, Severity.WARNING,
-            f"Motion in series {self.series}, {slice_label([s])}, repetition {rep}: shifted by {shift_mm:.1f} mm "
-            f"against repetition 0 (k-space centre otherwise changed by {100 * max(excess, 0):.1f}%).",
-            "Ask the patient to keep still and repeat the series (or the affected repetitions).",
-            trace, slices=[s], repetition=rep, value=shift_mm, threshold=p.motion_shift_mm, unit="mm",
-            evidence={"reference_repetition": 0, "block_lines": len(common), "shift_mm": [round(dx * px, 3),
-                      round(dy * py, 3)], "residual_change": round(excess, 5), "noise_expected": round(expected, 5),
-                      "source": "kspace_centre"},
+            f"Motion in series {self.series}, {slice_label([s])}, repetition {rep}: {finding}.",
+            f"Ask the patient to keep still and repeat the series (or the affected {affected}).",
+            trace, slices=[s], repetition=rep, **kw,
         ), trace
 
     def _midscan(self, trace: Trace, key: Key, st: _SliceState) -> Iterator[Output]:
@@ -756,18 +764,13 @@ class ReadoutQC(AccumulatingGadget):
         p = self.params
         if score <= p.motion_jump_ratio:
             return
-        s, rep = key[0], key[3]
-        if not self._once((AlertCode.MOTION, s, rep)):
-            return
-        yield self._alert(
-            AlertCode.MOTION, Severity.WARNING,
-            f"Motion in series {self.series}, {slice_label([s])}, repetition {rep}: k-space lines from ky {at} on "
-            f"are inconsistent with the lines before ({score:.1f}x the local prediction error).",
-            "Ask the patient to keep still and repeat the series (or the affected slices).",
-            trace, slices=[s], repetition=rep, value=float(score), threshold=p.motion_jump_ratio,
-            unit="x local prediction error",
+        yield from self._motion_alert(
+            trace, key,
+            f"k-space lines from ky {at} on are inconsistent with the lines before "
+            f"({score:.1f}x the local prediction error)",
+            "slices", value=float(score), threshold=p.motion_jump_ratio, unit="x local prediction error",
             evidence={"ky": at, "kz": z, "source": "kspace_consistency"},
-        ), trace
+        )
 
     def _navigator(self, acq: ismrmrd.Acquisition, trace: Trace) -> Iterator[Output]:
         s = int(acq.idx.slice)

@@ -193,6 +193,18 @@ class ChainRunner:
             if out is not skip:
                 self._emit(index, out, tr)
 
+    def _messages(self, q: queue.Queue):
+        """Messages of one stage's queue until the run is aborted (polling, so abort is seen)."""
+        while not self._abort.is_set():
+            try:
+                yield q.get(timeout=0.05)
+            except queue.Empty:
+                continue
+
+    def _forward_end(self, index: int) -> None:
+        if index + 1 < len(self.gadgets):
+            self._put(index + 1, _END)
+
     def _work(self, index: int) -> None:
         if getattr(self.gadgets[index], "tap", False):
             self._work_tap(index)
@@ -236,17 +248,12 @@ class ChainRunner:
         worker = threading.Thread(target=inspect, name=f"{self.context.session_id}:{self.names[index]}:tap", daemon=True)
         worker.start()
         try:
-            while not self._abort.is_set():
-                try:
-                    msg = q.get(timeout=0.05)
-                except queue.Empty:
-                    continue
+            for msg in self._messages(q):
                 if msg is _END:
                     side.put(_END)
                     while worker.is_alive() and not self._abort.is_set():
                         worker.join(0.05)
-                    if index + 1 < len(self.gadgets):
-                        self._put(index + 1, _END)
+                    self._forward_end(index)
                     return
                 item, trace = msg
                 self._emit(index, item, trace)
@@ -257,20 +264,14 @@ class ChainRunner:
 
     def _work_stage(self, index: int) -> None:
         gadget, q = self.gadgets[index], self._queues[index]
-        accepts = gadget.accepts
         try:
-            while not self._abort.is_set():
-                try:
-                    msg = q.get(timeout=0.05)
-                except queue.Empty:
-                    continue
+            for msg in self._messages(q):
                 if msg is _END:
                     self._check_budget(index, self._run(index, gadget.close()))
-                    if index + 1 < len(self.gadgets):
-                        self._put(index + 1, _END)
+                    self._forward_end(index)
                     return
                 item, trace = msg
-                if not isinstance(item, accepts):
+                if not isinstance(item, gadget.accepts):
                     self._emit(index, item, trace)
                     continue
                 self._check_budget(index, self._run(index, gadget.process(item, trace)))
