@@ -23,7 +23,7 @@ from inline.gadget import AccumulatingGadget, GadgetParams, Output
 from inline.registry import register
 from inline.trace import Trace
 
-TriggerName = Literal["slice", "contrast", "phase", "repetition", "set", "measurement", "none"]
+TriggerName = Literal["slice", "contrast", "phase", "repetition", "set", "average", "measurement", "none"]
 
 _TRIGGER_FLAG: dict[str, int | None] = {
     "slice": ismrmrd.ACQ_LAST_IN_SLICE,
@@ -31,6 +31,7 @@ _TRIGGER_FLAG: dict[str, int | None] = {
     "phase": ismrmrd.ACQ_LAST_IN_PHASE,
     "repetition": ismrmrd.ACQ_LAST_IN_REPETITION,
     "set": ismrmrd.ACQ_LAST_IN_SET,
+    "average": ismrmrd.ACQ_LAST_IN_AVERAGE,
     "measurement": ismrmrd.ACQ_LAST_IN_MEASUREMENT,
     "none": None,
 }
@@ -108,10 +109,13 @@ class AcquisitionAccumulateTrigger(AccumulatingGadget):
     class Params(GadgetParams):
         trigger: TriggerName = Field(
             "slice",
-            description="LAST_IN_<trigger> flag that emits buffers: slice, contrast, phase, repetition, set, "
+            description="LAST_IN_<trigger> flag that emits buffers: slice, contrast, phase, repetition, set, average, "
             "measurement or none (only LAST_IN_MEASUREMENT and end of stream emit).",
         )
         flip_reversed_lines: bool = Field(True, description="Reverse the sample order of IS_REVERSE (EPI) lines.")
+        separate_averages: bool = Field(
+            False, description="One buffer per ISMRMRD average instead of averaging repeated lines (MOCO over averages)."
+        )
 
     accepts: ClassVar[tuple[type, ...]] = (ismrmrd.Acquisition,)
     emits: ClassVar[tuple[type, ...]] = (ReconBuffer,)
@@ -196,7 +200,7 @@ class AcquisitionAccumulateTrigger(AccumulatingGadget):
                 f"AcquisitionAccumulateTrigger: line {acq.scan_counter} (ky {i.kspace_encode_step_1}, kz "
                 f"{i.kspace_encode_step_2}) lands at ({y}, {z}), outside the encoded grid ky<{ny}, kz<{nz}"
             )
-        index = AcquisitionIndex(i.slice, i.contrast, i.phase, i.repetition, i.set)
+        index = AcquisitionIndex(i.slice, i.contrast, i.phase, i.repetition, i.set, i.average if self.params.separate_averages else 0)
         key = (space, index)
         p = self._pending.get(key)
         if p is None:

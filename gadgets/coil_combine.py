@@ -128,4 +128,5 @@ class CoilCombine(PureGadget):
             header=item.header,
             field_of_view_mm=item.field_of_view_mm,
             history=[*item.history, step],
+            meta=dict(item.meta),
         )

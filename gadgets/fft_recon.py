@@ -188,4 +188,5 @@ class FFTRecon(PureGadget):
                 float(fz or enc.encoded_fov_mm[2]),
             ),
             history=[*item.history, "FFT"],
+            meta=dict(item.meta),
         )

@@ -52,7 +52,8 @@ class ImageFinish(AccumulatingGadget):
 
     Meta (``image.attribute_string``): DataRole=Image, ImageProcessingHistory = buffer
     history + MAGNITUDE, WindowCenter / WindowWidth = max/2 and max of the stored values
-    (simplefft convention), SeriesDescription (param).
+    (simplefft convention), SeriesDescription (param), and the buffer's extra ``meta``
+    keys (e.g. ``InlineReconMethod``).
 
     The gadget accumulates only the series scale and the image counter.
 
@@ -129,8 +130,8 @@ class ImageFinish(AccumulatingGadget):
                 "physiology_time_stamp",
             ):
                 setattr(h, name, getattr(a, name))
-        for name in ("slice", "contrast", "phase", "repetition", "set"):
-            setattr(h, name, getattr(item.index, name))
+        for name in ("slice", "contrast", "phase", "repetition", "set", "average"):
+            setattr(h, name, getattr(item.index, name, 0))
         h.version = 1
         h.field_of_view = tuple(float(v) for v in item.field_of_view_mm)
         h.image_type = ismrmrd.IMTYPE_MAGNITUDE
@@ -152,7 +153,7 @@ class ImageFinish(AccumulatingGadget):
         image = ismrmrd.Image(head=self._header(item), data=stored)
         self._next_index += 1
         top = float(stored.max()) if stored.size else 0.0
-        meta = ismrmrd.Meta()
+        meta = ismrmrd.Meta(item.meta)  # a gadget's extra keys (e.g. InlineReconMethod); the standard ones win
         meta["DataRole"] = "Image"
         meta["ImageProcessingHistory"] = [*item.history, "MAGNITUDE"]
         meta["WindowCenter"] = f"{top / 2:g}"

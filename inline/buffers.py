@@ -27,6 +27,7 @@ class AcquisitionIndex(NamedTuple):
     phase: int = 0
     repetition: int = 0
     set: int = 0
+    average: int = 0  # 0 unless the accumulator keeps averages apart (separate_averages)
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,9 @@ class ReconBuffer:
             imaging gadgets; IS_PARALLEL_CALIBRATION lines go here and not into ``data``.
         reference_sampled: ``(kz, ky)`` bool for ``reference``, or None.
         history: processing steps applied so far (ImageProcessingHistory in the image meta).
+        meta: extra MRD image meta, ``{key: str or list of str}``, set by a gadget for the
+            image(s) made from this buffer (e.g. ``InlineReconMethod``); FFTRecon and
+            CoilCombine carry it on, ImageFinish writes it. Empty by default.
     """
 
     data: np.ndarray
@@ -111,6 +115,7 @@ class ReconBuffer:
     reference: np.ndarray | None = None
     reference_sampled: np.ndarray | None = None
     history: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -124,6 +129,7 @@ class ImageBuffer:
         header: reference acquisition header (position, directions, time stamps).
         field_of_view_mm: (x, y, z) field of view of ``data`` [mm].
         history: processing steps applied so far.
+        meta: extra MRD image meta ``{key: str or list of str}`` (see :class:`ReconBuffer`).
     """
 
     data: np.ndarray
@@ -131,6 +137,7 @@ class ImageBuffer:
     header: Any
     field_of_view_mm: tuple[float, float, float]
     history: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def combined(self) -> bool:

@@ -1,4 +1,4 @@
-"""Command line: ``inline serve | send | run | demo | gadgets | configs | simulate``."""
+"""Command line: ``inline serve | send | run | bench | demo | gadgets | configs | simulate``."""
 
 from __future__ import annotations
 
@@ -50,9 +50,16 @@ def serve(
     bus: str = typer.Option("tcp://127.0.0.1:5557", help="ZeroMQ endpoint of the QC alert bus ('' turns it off)"),
     alert_log_dir: Optional[Path] = typer.Option(None, help="JSONL alert logs (default: the journal directory, else ./alerts)"),
     dashboard_port: int = typer.Option(8080, help="port of the radiographer dashboard on the host (-1 turns it off)"),
+    preload: list[str] = typer.Option(
+        [], "--preload", help="chain config whose models are loaded and warmed up at start (repeatable; default: every config with a warm-up hook)"
+    ),
+    no_warmup: bool = typer.Option(False, "--no-warmup", help="load no model at start (the first scan of a DL chain loads it)"),
+    metrics_port: int = typer.Option(9102, help="Prometheus metrics on http://127.0.0.1:PORT/metrics (-1 turns it off)"),
+    trace_dir: Optional[Path] = typer.Option(None, help="write each session's per-message spans here (<session>.trace.json, <session>.chrome.json)"),
     log_level: str = typer.Option("info"),
 ) -> None:
     """Serve MRD streaming connections: one chain per connection, QC alerts on the bus."""
+    from inline.server import PRELOAD_ALL
     from inline.server import serve as run_server
     from inline.session import SessionSettings
 
@@ -63,8 +70,17 @@ def serve(
         max_message_bytes=int(max_message_mb * 2**20),
         queue_size=queue_size,
         alert_log_dir=alert_log_dir or (None if journal_dir else Path("alerts")),
+        trace_dir=trace_dir,
     )
-    run_server(host, port, settings, bus_endpoint=bus or None, dashboard_port=None if dashboard_port < 0 else dashboard_port)
+    run_server(
+        host,
+        port,
+        settings,
+        bus_endpoint=bus or None,
+        dashboard_port=None if dashboard_port < 0 else dashboard_port,
+        preload=None if no_warmup else (list(preload) or PRELOAD_ALL),
+        metrics_port=None if metrics_port < 0 else metrics_port,
+    )
 
 
 @app.command()
@@ -113,6 +129,8 @@ def run(
     out: Path = typer.Option(..., "-o", "--out", help="output images .h5"),
     param: list[str] = typer.Option([], "--param", "-p", help="gadget parameter KEY=VALUE"),
     previews: Optional[Path] = typer.Option(None, help="write PNG previews to this directory"),
+    trace: Optional[Path] = typer.Option(None, help="write per-message spans of every gadget call to this file"),
+    trace_format: str = typer.Option("json", help="json | chrome (Trace Event Format: chrome://tracing, Perfetto)"),
     log_level: str = typer.Option("warning"),
 ) -> None:
     """Run a chain in-process on a file (no sockets); replays journals."""
@@ -122,9 +140,14 @@ def run(
     from inline.mrdfile import read_scan
     from inline.offline import run_chain
 
+    from inline.spans import FORMATS, SpanRecorder
+
+    if trace_format not in FORMATS:
+        raise typer.BadParameter(f"--trace-format must be one of {', '.join(FORMATS)}, got {trace_format!r}")
     _logging(log_level)
+    spans = SpanRecorder(file.stem) if trace else None
     try:
-        result = run_chain(load_chain(config), read_scan(file), _parse_params(param))
+        result = run_chain(load_chain(config), read_scan(file), _parse_params(param), spans=spans)
     except (ConfigError, GadgetError) as e:
         console.print(f"[red]ERROR[/] {e}")
         raise typer.Exit(1)
@@ -134,6 +157,51 @@ def run(
     console.print(f"{len(result.images)} images written to {out}")
     if result.summary:
         console.print(result.summary.format(), markup=False, highlight=False)
+    if spans is not None:
+        console.print(f"{len(spans)} spans written to {spans.write(trace, trace_format)} ({trace_format})")
+
+
+@app.command()
+def bench(
+    case: list[str] = typer.Option(["all"], "--case", help="case name (repeatable; 'all': the standard cases; --list shows them)"),
+    out: Path = typer.Option(Path("bench/results"), "--out", help="results directory: NAME.json and PNG plots"),
+    pace: Optional[str] = typer.Option(None, help="realtime (time stamps) | fast; default: the case's"),
+    sessions: Optional[str] = typer.Option(None, help="concurrent session counts, e.g. 1,2,4; default: the case's"),
+    repeats: Optional[int] = typer.Option(None, help="measured rounds per session count; default: the case's"),
+    warmup: Optional[int] = typer.Option(None, help="excluded warm-up rounds; default: the case's"),
+    config: Optional[str] = typer.Option(None, help="run the case's scan through this chain config instead (e.g. default_gpu)"),
+    config_file: Optional[Path] = typer.Option(None, exists=True, help="... or through this chain YAML, sent as CONFIG_TEXT (ablations)"),
+    peers: str = typer.Option("scipy,bart,gadgetron,ingest", help="peers to run (comma separated; '' for none)"),
+    ingest_repeats: int = typer.Option(3, help="runs of each ingest receiver"),
+    tick_ms: float = typer.Option(2.5, help="duration of one time-stamp tick, in ms"),
+    stagger_s: float = typer.Option(0.0, help="start concurrent session i this many seconds x i after the first (0: together, the worst case)"),
+    list_: bool = typer.Option(False, "--list", help="list the cases and exit"),
+    log_level: str = typer.Option("warning"),
+) -> None:
+    """Benchmark: replay scans through a real socket to a server process, with peers on the same data."""
+    from inline.benchmark.command import UnknownCase, case_names, list_cases
+    from inline.benchmark.command import run as run_bench
+    from inline.benchmark.suite import PEERS, BenchOptions
+
+    _logging(log_level)
+    if list_:
+        list_cases(console)
+        return
+    chosen = tuple(p for p in peers.split(",") if p)
+    if unknown := [p for p in chosen if p not in PEERS]:
+        raise typer.BadParameter(f"unknown peers {unknown} (known: {', '.join(PEERS)})")
+    if pace not in (None, "fast", "realtime"):
+        raise typer.BadParameter(f"--pace must be realtime or fast, got {pace!r}")
+    try:
+        names = case_names(case)
+        levels = tuple(int(n) for n in sessions.split(",")) if sessions else None
+    except (UnknownCase, ValueError) as e:
+        raise typer.BadParameter(str(e))
+    opts = BenchOptions(
+        pace=pace, sessions=levels, repeats=repeats, warmup=warmup, config=config, config_file=config_file, tick_ms=tick_ms,
+        peers=chosen, ingest_repeats=ingest_repeats, stagger_s=stagger_s,
+    )
+    run_bench(names, out, opts, console)
 
 
 @app.command()

@@ -74,6 +74,9 @@ class ChainRunner:
         on_error: called once, from the failing worker's thread, when a gadget raises.
         on_budget: called ``(stage, took_ms, budget_ms)`` the first time a stage with a
             ``budget_ms`` takes longer on one message (once per run, not per message).
+        on_span: called ``(stage_index, kind, start_ns, took_ns)`` after every ``process``
+            (``kind``: the message's type name) and ``close`` (``kind`` ``"close"``) call, from
+            the stage's thread (:class:`inline.spans.SpanRecorder`); None: no spans.
 
     Raises:
         GadgetError: from :meth:`put`, :meth:`close` when a gadget failed (also in :attr:`error`).
@@ -87,6 +90,7 @@ class ChainRunner:
         queue_size: int = 64,
         on_error: Callable[[GadgetError], None] | None = None,
         on_budget: Callable[[str, float, float], None] | None = None,
+        on_span: Callable[[int, str, int, int], None] | None = None,
     ):
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
@@ -101,6 +105,7 @@ class ChainRunner:
         self.sink = sink
         self.on_error = on_error
         self.on_budget = on_budget
+        self.on_span = on_span
         self.budgets_ms = [s.budget_ms for s in stages]
         self._overrun = [False] * len(stages)
         self.times = [StageTimes(n, type(g).__name__) for n, g in zip(self.names, self.gadgets)]
@@ -147,6 +152,10 @@ class ChainRunner:
     def failed(self) -> bool:
         return self.error is not None
 
+    def queue_depths(self) -> dict[str, int]:
+        """Messages waiting in each stage's input queue now (metrics)."""
+        return {n: q.qsize() for n, q in zip(self.names, self._queues)}
+
     # -- workers ---------------------------------------------------------------------------
     def _raise_if_failed(self) -> None:
         if self.error is not None:
@@ -167,8 +176,10 @@ class ChainRunner:
         else:
             self.sink(item, trace)
 
-    def _check_budget(self, index: int, took_ns: int) -> None:
+    def _check_budget(self, index: int, took_ns: int, start_ns: int = 0, kind: str = "close") -> None:
         self.times[index].durations_ns.append(took_ns)
+        if self.on_span is not None:
+            self.on_span(index, kind, start_ns, took_ns)
         budget = self.budgets_ms[index]
         if budget is not None and not self._overrun[index] and took_ns / 1e6 > budget:
             self._overrun[index] = True
@@ -236,10 +247,12 @@ class ChainRunner:
                 while True:
                     msg = side.get()
                     if msg is _END:
-                        self._check_budget(index, self._run(index, gadget.close()))
+                        t0 = time.perf_counter_ns()
+                        self._check_budget(index, self._run(index, gadget.close()), t0)
                         return
                     item, trace = msg
-                    self._check_budget(index, self._run(index, gadget.process(item, trace), skip=item))
+                    t0 = time.perf_counter_ns()
+                    self._check_budget(index, self._run(index, gadget.process(item, trace), skip=item), t0, type(item).__name__)
                     if self._abort.is_set():
                         return
             except Exception as e:
@@ -267,13 +280,15 @@ class ChainRunner:
         try:
             for msg in self._messages(q):
                 if msg is _END:
-                    self._check_budget(index, self._run(index, gadget.close()))
+                    t0 = time.perf_counter_ns()
+                    self._check_budget(index, self._run(index, gadget.close()), t0)
                     self._forward_end(index)
                     return
                 item, trace = msg
                 if not isinstance(item, gadget.accepts):
                     self._emit(index, item, trace)
                     continue
-                self._check_budget(index, self._run(index, gadget.process(item, trace)))
+                t0 = time.perf_counter_ns()
+                self._check_budget(index, self._run(index, gadget.process(item, trace)), t0, type(item).__name__)
         except Exception as e:
             self._fail(index, e)

@@ -20,6 +20,7 @@ from inline.latency import LatencySummary
 from inline.mrdfile import RawScan
 from inline.protocol import parse_header
 from inline.qc.alert import Alert
+from inline.spans import SpanRecorder
 from inline.trace import Trace, now_ns
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,10 @@ class RunResult:
     summary: LatencySummary | None = None
 
 
-def run_chain(spec: ChainSpec, scan: RawScan, parameters: dict[str, Any] | None = None, queue_size: int = 64) -> RunResult:
-    """Run ``spec`` over ``scan``.
+def run_chain(
+    spec: ChainSpec, scan: RawScan, parameters: dict[str, Any] | None = None, queue_size: int = 64, spans: SpanRecorder | None = None
+) -> RunResult:
+    """Run ``spec`` over ``scan``; with ``spans``, record every gadget call there (:mod:`inline.spans`).
 
     Raises:
         ConfigError: the chain does not validate.
@@ -60,7 +63,13 @@ def run_chain(spec: ChainSpec, scan: RawScan, parameters: dict[str, Any] | None 
         elif isinstance(item, Alert):
             result.alerts.append(item)
 
-    runner = ChainRunner(validate_chain(spec), SessionContext(header=header, config_name=spec.name), sink, queue_size=queue_size)
+    stages = validate_chain(spec)
+    if spans is not None:
+        spans.bind(spec.name, [(s.name, s.cls.__name__) for s in stages])
+    runner = ChainRunner(
+        stages, SessionContext(header=header, config_name=spec.name), sink, queue_size=queue_size,
+        on_span=None if spans is None else spans.stage_span,
+    )
     runner.start()
     try:
         for item in scan.items:

@@ -42,6 +42,7 @@ from inline.protocol import (
 )
 from inline.qc.alert import Alert, AlertCode, AlertFactory, Severity
 from inline.qc.bus import AlertLog
+from inline.spans import SEND_STAGE, SpanRecorder
 from inline.trace import Trace, now_ns
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,9 @@ class SessionSettings:
         bus: the process's alert bus (:class:`inline.qc.bus.AlertBus`), or None.
         alert_log_dir: where each session's alerts go as ``<session>.alerts.jsonl``;
             None: the journal directory; no log when both are None.
+        metrics: the process's :class:`inline.metrics.ServerMetrics`, or None.
+        trace_dir: where each session's per-message spans go as ``<session>.trace.json`` and
+            ``<session>.chrome.json`` (:mod:`inline.spans`); None: no spans recorded.
     """
 
     config_dirs: list[Path] = field(default_factory=list)
@@ -82,6 +86,8 @@ class SessionSettings:
     on_image: Callable[[str, ismrmrd.Image, float], None] | None = None
     bus: Any = None
     alert_log_dir: Path | None = None
+    metrics: Any = None
+    trace_dir: Path | None = None
 
 
 class SessionError(RuntimeError):
@@ -118,10 +124,14 @@ class Session:
         self.alert_log = AlertLog(Path(log_dir) / f"{self.id}.alerts.jsonl") if log_dir else None
         self.alert_factory: AlertFactory | None = None
         self._chain_budget_overrun = False
+        self.acquisitions_received = 0
+        self.spans = SpanRecorder(self.id) if settings.trace_dir is not None else None
 
     # -- main loop -------------------------------------------------------------------------
     def run(self) -> None:
         self.log.info("session %s: connection from %s", self.id, _peer(self.sock))
+        if self.settings.metrics is not None:
+            self.settings.metrics.session_started(self)
         try:
             self._serve()
         except (ProtocolError, ConfigError, SessionError, GadgetError) as e:
@@ -142,10 +152,19 @@ class Session:
             if self.alert_factory is not None:
                 self._event("event.session.end", images=self.images_sent, alerts=len(self.alerts), error=self.error)
             self.log.info("session %s: ended (%d images, %d messages received)", self.id, self.images_sent, self.reader.messages_received)
+            if self.spans is not None and self.runner is not None:
+                try:
+                    self.spans.write_dir(self.settings.trace_dir)
+                except OSError as e:
+                    self.log.warning("session %s: cannot write its trace: %s", self.id, e)
+            if self.settings.metrics is not None:
+                self.settings.metrics.session_ended(self)
 
     def _serve(self) -> None:
         while (msg := self.reader.read()) is not None:
             msg_id, obj = msg
+            if msg_id == MessageId.ACQUISITION:
+                self.acquisitions_received += 1
             if msg_id == MessageId.CLOSE:
                 self._finish()
                 return
@@ -238,8 +257,13 @@ class Session:
         context = SessionContext(header=self.header, session_id=self.id, config_name=spec.name, log=logging.getLogger(f"inline.session.{self.id}"))
         self.budget_ms = spec.budget_ms
         self.alert_factory = AlertFactory(context)
+        on_span = None
+        if self.spans is not None:
+            self.spans.bind(spec.name, [(s.name, s.cls.__name__) for s in stages])
+            on_span = self.spans.stage_span
         self.runner = ChainRunner(
-            stages, context, self._sink, queue_size=self.settings.queue_size, on_error=self._fail, on_budget=self._stage_over_budget
+            stages, context, self._sink, queue_size=self.settings.queue_size, on_error=self._fail, on_budget=self._stage_over_budget,
+            on_span=on_span,
         ).start()
         self._event("event.session.start", config=self.config_label, peer=_peer(self.sock))
         self.log.info("session %s: chain %s: %s", self.id, self.config_label, " -> ".join(s.name for s in stages))
@@ -272,12 +296,17 @@ class Session:
         latency_ns = now_ns() - trace.last_arrival_ns
         meta[LATENCY_META_KEY] = f"{latency_ns / 1e6:.3f}"
         image.attribute_string = meta.serialize()
+        t_send = now_ns()
         self.writer.send_image(image)
+        if self.spans is not None:
+            self.spans.span(SEND_STAGE, "Session", "Image", t_send, now_ns() - t_send)
         self.latencies_ns.append(latency_ns)
         self.images_sent += 1
         latency_ms = latency_ns / 1e6
         if self.budget_ms is not None and latency_ms > self.budget_ms and not self._chain_budget_overrun:
             self._chain_budget_overrun = True
+            if self.settings.metrics is not None:
+                self.settings.metrics.budget_overrun(self.runner.context.config_name, "chain")
             self.raise_alert(
                 self.alert_factory.make(
                     AlertCode.LATENCY_BUDGET,
@@ -335,6 +364,8 @@ class Session:
         )
 
     def _stage_over_budget(self, stage: str, took_ms: float, budget_ms: float) -> None:
+        if self.settings.metrics is not None:
+            self.settings.metrics.budget_overrun(self.runner.context.config_name if self.runner else "", "stage", stage)
         self.raise_alert(
             self.alert_factory.make(
                 AlertCode.LATENCY_BUDGET,

@@ -90,6 +90,21 @@ def test_averages_are_averaged():
     assert buf.sampled[0].sum() == 2
 
 
+def test_separate_averages_make_one_buffer_each():
+    a = np.full((COILS, NX), 1 + 1j, np.complex64)
+    b = np.full((COILS, NX), 3 - 1j, np.complex64)
+    acqs = [
+        make_acq(a, ky=4, average=0),
+        make_acq(a, ky=5, average=0, flags=[ismrmrd.ACQ_LAST_IN_AVERAGE]),
+        make_acq(b, ky=4, average=1),
+        make_acq(b, ky=5, average=1, flags=[ismrmrd.ACQ_LAST_IN_AVERAGE]),
+    ]
+    bufs = payloads(run_chain([gadget(trigger="average", separate_averages=True)], acqs))
+    assert [buf.index.average for buf in bufs] == [0, 1]
+    np.testing.assert_allclose(bufs[0].data[:, 0, 4:6], 1 + 1j)
+    np.testing.assert_allclose(bufs[1].data[:, 0, 4:6], 3 - 1j)
+
+
 def test_partial_fourier_lines_are_centred():
     # 24 of 32 encoded lines, centre line 12: lines shift by 32 // 2 - 12 = 4
     header = make_header(encoded=(NX, 32, 1), ky=(0, 23, 12))
