@@ -555,14 +555,4 @@ class CompressedSensing(PureGadget):
         three_d = item.data.shape[1] > 1
         axes = (0, 1, 2) if three_d else (1, 2)
         k = centred_fft(result.image, axes, xp, self.params.fft_workers).astype(xp.complex64)
-        return ReconBuffer(
-            data=k[None],
-            sampled=get_array_module(item.sampled).ones(item.sampled.shape, bool),
-            index=item.index,
-            encoding=item.encoding,
-            header=item.header,
-            readout_fov_mm=item.readout_fov_mm,
-            reference=None,
-            reference_sampled=None,
-            history=[*item.history, "CS-L1WAVELET"],
-        )
+        return item.completed(k[None], "CS-L1WAVELET")

@@ -481,18 +481,7 @@ class DLRecon(AccumulatingGadget):
 
     # -- helpers -------------------------------------------------------------------------
     def _buffer(self, item: ReconBuffer, kspace: np.ndarray, history: list[str], meta: dict[str, Any]) -> ReconBuffer:
-        return ReconBuffer(
-            data=kspace[:, None],
-            sampled=np.ones(np.shape(item.sampled), bool),
-            index=item.index,
-            encoding=item.encoding,
-            header=item.header,
-            readout_fov_mm=item.readout_fov_mm,
-            reference=None,
-            reference_sampled=None,
-            history=history,
-            meta={**item.meta, **meta},
-        )
+        return item.completed(kspace[:, None], history[len(item.history):], meta)
 
     def _time(self, prepare_ms: float | None, inference_ms: float | None, t0: float, method: str) -> None:
         self.timings.append(

@@ -25,7 +25,6 @@ FOV adjustment to it unchanged and :class:`~gadgets.coil_combine.CoilCombine` pa
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -325,11 +324,4 @@ class SENSE(PureGadget):
         nz = k.shape[1]
         axes = (1, 2, 3) if nz > 1 else (2, 3)
         out = _centred_fft(result.image[None], axes, p.fft_workers).astype(np.complex64, copy=False)
-        return dataclasses.replace(
-            item,
-            data=out,
-            sampled=np.ones(item.sampled.shape, bool),
-            reference=None,
-            reference_sampled=None,
-            history=[*item.history, "SENSE"],
-        )
+        return item.completed(out, "SENSE")

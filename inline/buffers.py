@@ -13,10 +13,13 @@ the ISMRMRD header's millimetres because they are copied straight into image hea
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from inline.backend import get_array_module
 
 
 class AcquisitionIndex(NamedTuple):
@@ -116,6 +119,17 @@ class ReconBuffer:
     reference_sampled: np.ndarray | None = None
     history: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def completed(self, data, step: str | list[str], meta: dict[str, Any] | None = None) -> "ReconBuffer":
+        """This buffer with ``data`` (``(coils, kz, ky, kx)``, every line filled) as a fully
+        sampled buffer: no reference, ``step`` appended to the history, ``meta`` merged in.
+        What a reconstruction (SENSE, CS, DL) hands to FFTRecon."""
+        xp = get_array_module(self.sampled)
+        steps = [step] if isinstance(step, str) else list(step)
+        return dataclasses.replace(
+            self, data=data, sampled=xp.ones(self.sampled.shape, bool), reference=None, reference_sampled=None,
+            history=[*self.history, *steps], meta={**self.meta, **(meta or {})},
+        )
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Shared fixtures and data of the inference tests: tiny VarNets with random weights, a phantom scan.
 
-Imported by the test modules (``from inference_helpers import ...``), which wrap these in
-their own fixtures, rather than kept in a ``conftest.py``: ``from conftest import ...`` in
-``tests/`` must keep meaning ``tests/conftest.py``.
+Imported by the test modules (``from inference_helpers import fresh_cache, tiny_spec, ...``:
+pytest finds fixtures imported into a module), rather than kept in a ``conftest.py``:
+``from conftest import ...`` in ``tests/`` must keep meaning ``tests/conftest.py``.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 TINY = dict(cascades=2, chans=4, pools=2, sens_chans=0)
 
@@ -83,3 +84,13 @@ def reference_output(spec, kspace, mask, acs_mask) -> np.ndarray:
     net, _ = load_network(spec)
     with torch.inference_mode():
         return net(*(torch.from_numpy(a) for a in (kspace, mask, acs_mask))).numpy()
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(tmp_path, monkeypatch):
+    yield from reset_cache(tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def tiny_spec(tmp_path):
+    return make_tiny_spec(tmp_path)

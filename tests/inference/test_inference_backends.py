@@ -8,20 +8,10 @@ import threading
 import numpy as np
 import pytest
 import torch
-from inference_helpers import make_tiny_spec, nrmse, phantom_inputs, reference_output, reset_cache
+from inference_helpers import fresh_cache, nrmse, phantom_inputs, reference_output, tiny_spec  # noqa: F401 (fixtures)
 
 from inline.backend import cupy_available
 from inline.inference import BACKENDS, get_model
-
-
-@pytest.fixture(autouse=True)
-def fresh_cache(tmp_path, monkeypatch):
-    yield from reset_cache(tmp_path, monkeypatch)
-
-
-@pytest.fixture
-def tiny_spec(tmp_path):
-    return make_tiny_spec(tmp_path)
 
 
 #: ONNX Runtime vs eager, both fp32: measured 2-4e-6 (different FFT and convolution kernels)

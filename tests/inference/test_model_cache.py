@@ -10,20 +10,10 @@ import threading
 import numpy as np
 import pytest
 import torch
-from inference_helpers import make_tiny_spec, phantom_inputs, reset_cache
+from inference_helpers import fresh_cache, phantom_inputs, tiny_spec  # noqa: F401 (fixtures)
 
 from inline.inference import BACKENDS, NoBackendAvailable, cache_stats, get_model
 from inline.inference.backends.eager import EagerRunner
-
-
-@pytest.fixture(autouse=True)
-def fresh_cache(tmp_path, monkeypatch):
-    yield from reset_cache(tmp_path, monkeypatch)
-
-
-@pytest.fixture
-def tiny_spec(tmp_path):
-    return make_tiny_spec(tmp_path)
 
 
 HAS_TORCH_TENSORRT = importlib.util.find_spec("torch_tensorrt") is not None

@@ -6,22 +6,12 @@ import json
 
 import pytest
 import torch
-from inference_helpers import make_tiny_spec, phantom_inputs, reset_cache, save_tiny_checkpoint
+from inference_helpers import fresh_cache, phantom_inputs, save_tiny_checkpoint, tiny_spec  # noqa: F401 (fixtures)
 
 from inline.inference import ChecksumMismatch, ModelSpec, ModelSpecError, get_model, load_network, shipped_spec
 from inline.inference.registry import SHIPPED_MODELS, models_dir
 from inline.inference.spec import sha256_file
 from models.varnet import VarNet
-
-
-@pytest.fixture(autouse=True)
-def fresh_cache(tmp_path, monkeypatch):
-    yield from reset_cache(tmp_path, monkeypatch)
-
-
-@pytest.fixture
-def tiny_spec(tmp_path):
-    return make_tiny_spec(tmp_path)
 
 
 def test_load_network_builds_the_checkpoint_config_with_its_weights(tiny_spec):

@@ -10,19 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from inference_helpers import make_tiny_spec, nrmse, phantom_inputs, reference_output, reset_cache
+from inference_helpers import fresh_cache, nrmse, phantom_inputs, reference_output, tiny_spec  # noqa: F401 (fixtures)
 
 from inline.inference import get_model
-
-
-@pytest.fixture(autouse=True)
-def fresh_cache(tmp_path, monkeypatch):
-    yield from reset_cache(tmp_path, monkeypatch)
-
-
-@pytest.fixture
-def tiny_spec(tmp_path):
-    return make_tiny_spec(tmp_path)
 
 
 TOLERANCE = {"bf16": 1e-2, "fp16": 2e-3}

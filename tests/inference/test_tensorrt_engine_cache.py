@@ -9,21 +9,11 @@ import re
 import numpy as np
 import pytest
 import torch
-from inference_helpers import make_tiny_spec, nrmse, phantom_inputs, reference_output, reset_cache
+from inference_helpers import fresh_cache, nrmse, phantom_inputs, reference_output, tiny_spec  # noqa: F401 (fixtures)
 
 from inline.inference import BACKENDS, ShapeRange, clear_cache, get_model
 from inline.inference.backends.tensorrt import precision_kwargs
 from inline.inference.diskcache import atomic_write, cache_root, engine_cache_key, onnx_cache_key
-
-
-@pytest.fixture(autouse=True)
-def fresh_cache(tmp_path, monkeypatch):
-    yield from reset_cache(tmp_path, monkeypatch)
-
-
-@pytest.fixture
-def tiny_spec(tmp_path):
-    return make_tiny_spec(tmp_path)
 
 
 SHA = "ab" * 32
