@@ -9,7 +9,7 @@ import ismrmrd
 import pytest
 import yaml
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="the DL gadget needs PyTorch (pip install 'inline[dl]')")
 
 import gadgets.dl_recon as dl  # noqa: E402
 from inline import inference  # noqa: E402
