@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,19 +46,7 @@ from inline.buffers import ReconBuffer  # noqa: E402
 from inline.registry import lookup  # noqa: E402
 from inline.simulate import simulate_scan  # noqa: E402
 
-
-def score(image, ref, support) -> float:
-    a, t = np.abs(image)[support], ref[support]
-    return float(np.linalg.norm(np.dot(a, t) / np.dot(a, a) * a - t) / np.linalg.norm(t))
-
-
-def timed(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
+from common import fitted_nrmse, median_time  # noqa: E402
 
 
 def main() -> None:
@@ -90,17 +77,17 @@ def main() -> None:
     params = CompressedSensing.Params(**{"lambda": args.lam})
     g = CompressedSensing(ctx, params)
     g.apply(buf)  # warm: maps cached, FFT plans
-    t_cached, out = timed(lambda: g.apply(buf), args.repeats)
+    t_cached, out = median_time(lambda: g.apply(buf), args.repeats)
     ours_img = centred_ifft(out.data, (2, 3))[0, 0]
 
     def with_maps():
         g2 = CompressedSensing(ctx, params)
         return g2.apply(buf)
 
-    t_maps, _ = timed(with_maps, args.repeats)
+    t_maps, _ = median_time(with_maps, args.repeats)
     results["ours_cached_maps_s"] = t_cached
     results["ours_with_maps_s"] = t_maps
-    results["ours_nrmse"] = score(ours_img, ref, support)
+    results["ours_nrmse"] = fitted_nrmse(ours_img, ref, support)
 
     with tempfile.TemporaryDirectory() as d:
         write_cfl(Path(d) / "ksp", kspace_to_bart(kspace))
@@ -109,14 +96,14 @@ def main() -> None:
             subprocess.run(["bart", *a], cwd=d, check=True, capture_output=True)
 
         bart("ecalib", "-m1", "ksp", "maps")  # warm (page cache, first exec)
-        t_ecalib, _ = timed(lambda: bart("ecalib", "-m1", "ksp", "maps"), args.repeats)
-        t_pics, _ = timed(lambda: bart("pics", "-l1", "-r", str(args.lam), "-S", "ksp", "maps", "pics"), args.repeats)
+        t_ecalib, _ = median_time(lambda: bart("ecalib", "-m1", "ksp", "maps"), args.repeats)
+        t_pics, _ = median_time(lambda: bart("pics", "-l1", "-r", str(args.lam), "-S", "ksp", "maps", "pics"), args.repeats)
         bart_img = read_cfl(Path(d) / "pics").reshape(n, n).T
     results["bart_ecalib_s"] = t_ecalib
     results["bart_pics_s"] = t_pics
     results["bart_total_s"] = t_ecalib + t_pics
-    results["bart_nrmse"] = score(bart_img, ref, support)
-    results["zero_filled_nrmse"] = score(np.sqrt(np.sum(np.abs(centred_ifft(kspace, (2, 3))) ** 2, 0))[0], ref, support)
+    results["bart_nrmse"] = fitted_nrmse(bart_img, ref, support)
+    results["zero_filled_nrmse"] = fitted_nrmse(np.sqrt(np.sum(np.abs(centred_ifft(kspace, (2, 3))) ** 2, 0))[0], ref, support)
     results["ratio_ours_cached_to_bart_total"] = t_cached / results["bart_total_s"]
     results["ratio_ours_with_maps_to_bart_total"] = t_maps / results["bart_total_s"]
     results["ratio_ours_cached_to_bart_pics"] = t_cached / t_pics
@@ -128,7 +115,7 @@ def main() -> None:
         t = time.perf_counter()
         sp_img = mr.L1WaveletRecon(kspace[:, 0], maps, args.lam, max_iter=30, show_pbar=False).run()
         results["sigpy_L1WaveletRecon_s"] = time.perf_counter() - t
-        results["sigpy_nrmse"] = score(np.asarray(sp_img), ref, support)
+        results["sigpy_nrmse"] = fitted_nrmse(np.asarray(sp_img), ref, support)
 
     import scipy
     import sigpy

@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,8 @@ from inline.buffers import ReconBuffer  # noqa: E402
 from inline.gadget import SessionContext  # noqa: E402
 from inline.simulate import simulate_scan  # noqa: E402
 
+from common import fitted_nrmse, median_time  # noqa: E402
+
 LAMBDA = 0.001
 
 
@@ -60,22 +61,6 @@ def buffers(r: int):
 
 def ifft2c(k: np.ndarray) -> np.ndarray:
     return np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
-
-
-def fitted_nrmse(x: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> float:
-    a, r = np.abs(x)[mask], ref[mask]
-    s = float(a @ r) / float(a @ a)
-    return float(np.linalg.norm(s * a - r) / np.linalg.norm(r))
-
-
-def median_time(fn, repeats: int) -> tuple[float, object]:
-    fn()  # warm
-    times, out = [], None
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
 
 
 def main() -> None:
@@ -100,14 +85,14 @@ def main() -> None:
 
     gadget = SENSE(ctx, SENSE.Params(lambda_l2=LAMBDA))
     gadget.apply(buf)
-    t_cached, out = median_time(lambda: gadget.apply(buf), args.repeats)
+    t_cached, out = median_time(lambda: gadget.apply(buf), args.repeats, warm=True)
     ours = ifft2c(out.data[0, 0])
 
     def with_maps():
         g = SENSE(ctx, SENSE.Params(lambda_l2=LAMBDA))
         return g.apply(buf)
 
-    t_maps, _ = median_time(with_maps, args.repeats)
+    t_maps, _ = median_time(with_maps, args.repeats, warm=True)
     result["ours"] = {
         "steady_state_s": t_cached,
         "with_maps_s": t_maps,
@@ -137,7 +122,7 @@ def main() -> None:
                 bart(tmp, "ecalib", "-m1", "ksp", "sens")
                 bart(tmp, "pics", "-l2", "-r", str(LAMBDA), "ksp", "sens", "img")
 
-            t_bart, _ = median_time(run_bart, args.repeats)
+            t_bart, _ = median_time(run_bart, args.repeats, warm=True)
             theirs = image_from_bart(read_cfl(tmp / "img"))[0]
             t = time.perf_counter()
             bart(tmp, "ecalib", "-m1", "ksp", "sens")

@@ -97,30 +97,25 @@ def send_scan(
     writer = MessageWriter(sock)
     t_start = time.perf_counter()
 
-    def receive() -> None:
-        reader = MessageReader(sock, idle_timeout_s=timeout_s)
-        try:
-            while (msg := reader.read()) is not None:
-                msg_id, obj = msg
-                if msg_id == MessageId.IMAGE:
-                    result.images.append(obj)
-                    result.receive_times_s.append(time.perf_counter() - t_start)
-                    if on_image:
-                        on_image(obj)
-                elif msg_id == MessageId.TEXT:
-                    result.texts.append(str(obj))
-                    if on_text:
-                        on_text(str(obj))
-                elif msg_id == MessageId.CLOSE:
-                    result.closed = True
-                    return
-                else:
-                    log.warning("ignoring %s message from the server", msg_id.name)
-        except (ProtocolError, OSError) as e:
-            result.texts.append(f"ERROR   connection to the server broke: {e}")
+    def image_received(image: ismrmrd.Image) -> None:
+        result.images.append(image)
+        result.receive_times_s.append(time.perf_counter() - t_start)
+        if on_image:
+            on_image(image)
 
-    receiver = threading.Thread(target=receive, name="inline-client-receive", daemon=True)
-    receiver.start()
+    def text_received(text: str) -> None:
+        result.texts.append(text)
+        if on_text:
+            on_text(text)
+
+    def closed() -> None:
+        result.closed = True
+
+    receiver = start_receiver(
+        sock, timeout_s, on_image=image_received, on_text=text_received, on_close=closed,
+        on_broken=lambda e: result.texts.append(f"ERROR   connection to the server broke: {e}"),
+        name="inline-client-receive",
+    )
     try:
         if config_text is not None:
             writer.send(ConfigText(config_text))
@@ -142,6 +137,41 @@ def send_scan(
         pass
     sock.close()
     return result
+
+
+def start_receiver(
+    sock: socket.socket,
+    timeout_s: float,
+    *,
+    on_image: Callable[[ismrmrd.Image], None],
+    on_text: Callable[[str], None],
+    on_close: Callable[[], None],
+    on_broken: Callable[[Exception], None],
+    name: str,
+) -> threading.Thread:
+    """Read the server's replies on a daemon thread until CLOSE (then ``on_close``) or a
+    broken connection (``on_broken``); other message ids are logged and ignored."""
+
+    def receive() -> None:
+        reader = MessageReader(sock, idle_timeout_s=timeout_s)
+        try:
+            while (msg := reader.read()) is not None:
+                msg_id, obj = msg
+                if msg_id == MessageId.IMAGE:
+                    on_image(obj)
+                elif msg_id == MessageId.TEXT:
+                    on_text(str(obj))
+                elif msg_id == MessageId.CLOSE:
+                    on_close()
+                    return
+                else:
+                    log.warning("ignoring %s message from the server", msg_id.name)
+        except (ProtocolError, OSError) as e:
+            on_broken(e)
+
+    receiver = threading.Thread(target=receive, name=name, daemon=True)
+    receiver.start()
+    return receiver
 
 
 def _stamp(item) -> int:

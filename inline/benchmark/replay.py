@@ -29,8 +29,8 @@ from typing import Sequence
 import ismrmrd
 
 from inline.benchmark.cases import PreparedScan
-from inline.client import DEFAULT_TICK_S, QC_ALERT_TEXT
-from inline.protocol import ConfigFile, ConfigText, MessageId, MessageReader, MessageWriter, ProtocolError
+from inline.client import DEFAULT_TICK_S, QC_ALERT_TEXT, start_receiver
+from inline.protocol import ConfigFile, ConfigText, MessageId, MessageWriter
 from inline.session import LATENCY_META_KEY
 
 
@@ -113,24 +113,17 @@ def replay(
     sock = socket.create_connection((host, port), timeout=timeout_s)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def receive() -> None:
-        reader = MessageReader(sock, idle_timeout_s=timeout_s)
-        try:
-            while (msg := reader.read()) is not None:
-                msg_id, obj = msg
-                if msg_id == MessageId.IMAGE:
-                    result.latencies_ms.append(_image_latency_ms(obj))
-                    last_image_t[0] = time.perf_counter()
-                elif msg_id == MessageId.TEXT:
-                    result.texts.append(str(obj))
-                elif msg_id == MessageId.CLOSE:
-                    result.closed = True
-                    return
-        except (ProtocolError, OSError) as e:
-            result.error = f"receiving broke: {e}"
+    def image_received(image) -> None:
+        result.latencies_ms.append(_image_latency_ms(image))
+        last_image_t[0] = time.perf_counter()
 
-    receiver = threading.Thread(target=receive, name="bench-receive", daemon=True)
-    receiver.start()
+    def broken(e: Exception) -> None:
+        result.error = f"receiving broke: {e}"
+
+    receiver = start_receiver(
+        sock, timeout_s, on_image=image_received, on_text=result.texts.append,
+        on_close=lambda: setattr(result, "closed", True), on_broken=broken, name="bench-receive",
+    )
     data, offsets, stamps = scan.view(), scan.offsets, scan.stamps
     try:
         sock.sendall(config)
