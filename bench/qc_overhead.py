@@ -6,13 +6,17 @@ Streams the simulated 32-coil, 256x256, 10-slice scan (as in ``bench/latency.py`
 server in this process, alternating the default chain with and without ``readout_qc`` and
 ``image_qc`` (same data, same process, interleaved so machine load hits both alike; first
 run of each excluded), and reports image latency after the last readout (server-side
-measurement) and the QC stages' own time per call. Writes bench/results/qc_overhead_cpu.json.
+measurement) and the QC stages' own time per call. Then the CPU each QC tap costs per slice
+(:func:`tap_cpu_per_slice`: the taps of ``configs/default.yaml`` run alone, single-threaded,
+on the same scan, ``time.thread_time`` around every call, slice-end work included).
+Writes bench/results/qc_overhead_cpu.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -26,10 +30,59 @@ sys.path.insert(0, str(REPO))
 from inline.client import send_scan  # noqa: E402
 from inline.config import load_chain  # noqa: E402
 from inline.demo import image_latency_ms, simulated_demo_scan  # noqa: E402
+from inline.config import validate_chain  # noqa: E402
+from inline.gadget import SessionContext  # noqa: E402
+from inline.protocol import parse_header  # noqa: E402
 from inline.server import InlineServer  # noqa: E402
+from inline.trace import Trace  # noqa: E402
 from inline.session import SessionSettings  # noqa: E402
 
-QC_STAGES = ("readout_qc", "image_qc")
+QC_STAGES = ("readout_qc", "shot_motion", "image_qc")
+
+
+def tap_cpu_per_slice(scan, config: str = "default") -> dict:
+    """CPU time [ms] per slice of each QC tap of ``config`` on ``scan``, run single-threaded.
+
+    The chain's stages run in order without the engine (each message through every stage that
+    accepts it); only the QC taps are timed, with ``time.thread_time_ns`` around each call of
+    ``process`` / ``close`` (consuming its outputs). Returns per tap: total ms, ms per slice
+    (images), calls, and the largest single call [ms] (the slice-end checks).
+    """
+    header = parse_header(scan.header_xml)
+    ctx = SessionContext(header=header, config_name=config)
+    stages = validate_chain(load_chain(config))
+    gadgets = [(st.name, st.cls(ctx, st.params)) for st in stages]
+    cpu = {n: [] for n, _ in gadgets if n in QC_STAGES}
+    images = 0
+
+    def push(i: int, item, trace) -> None:
+        nonlocal images
+        if i == len(gadgets):
+            images += type(item).__name__ == "Image"
+            return
+        name, g = gadgets[i]
+        if not isinstance(item, g.accepts):
+            push(i + 1, item, trace)
+            return
+        t0 = time.thread_time_ns()
+        out = list(g.process(item, trace))
+        if name in cpu:
+            cpu[name].append(time.thread_time_ns() - t0)
+        for o, t in out:
+            push(i + 1, o, t)
+
+    for acq in scan.acquisitions:
+        push(0, acq, Trace.arrived())
+    for i, (name, g) in enumerate(gadgets):
+        t0 = time.thread_time_ns()
+        out = list(g.close())
+        if name in cpu:
+            cpu[name].append(time.thread_time_ns() - t0)
+        for o, t in out:
+            push(i + 1, o, t)
+    slices = max(images, 1)
+    return {n: {"total_ms": sum(v) / 1e6, "ms_per_slice": sum(v) / 1e6 / slices, "calls": len(v),
+                "max_call_ms": max(v) / 1e6 if v else 0.0, "slices": slices} for n, v in cpu.items()}
 
 
 def chain_text(with_qc: bool) -> str:
@@ -44,8 +97,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--pace", default="realtime", choices=["realtime", "fast"])
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "qc_overhead_cpu.json")
+    ap.add_argument("--cpu-only", action="store_true", help="only the CPU per slice of the taps (no server runs)")
     args = ap.parse_args()
     scan = simulated_demo_scan(10, 32, 256)
+    # first pass warms caches / imports; then the least disturbed of 3 passes per tap (the machine is shared)
+    passes = [tap_cpu_per_slice(scan) for _ in range(4)][1:]
+    cpu = {k: min((p[k] for p in passes), key=lambda v: v["ms_per_slice"]) for k in passes[0]}
+    for k, v in cpu.items():
+        print(f"{k}: {v['ms_per_slice']:.1f} ms CPU per slice ({v['calls']} calls, largest {v['max_call_ms']:.1f} ms)")
+    if args.cpu_only:
+        return
     server = InlineServer("127.0.0.1", 0, SessionSettings())
     server.start_background()
     lat = {True: [], False: []}
@@ -81,6 +142,8 @@ def main() -> None:
         "latency_ms_with_qc": pct(lat[True]),
         "latency_ms_without_qc": pct(lat[False]),
         "qc_stage_ms_per_call": {k: pct(v) for k, v in stage_ms.items() if v},
+        "qc_tap_cpu_per_slice": cpu,
+        "load_average_1_5_15_min_at_end": [round(v, 2) for v in os.getloadavg()],  # other work on the machine
     }
     args.out.write_text(json.dumps(result, indent=2))
     w, wo = result["latency_ms_with_qc"], result["latency_ms_without_qc"]

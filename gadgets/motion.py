@@ -638,6 +638,12 @@ class ShotMotionQC(AccumulatingGadget):
             0.0625, gt=0, lt=0.25, description="Fraction of the readout at each end that measures the noise."
         )
         k_sigma: float = Field(4.0, gt=0, description="Per-shot threshold on log r in noise spreads.")
+        skip_single_frame: bool = Field(
+            True,
+            description="Keep no reference readouts when the header's encoding limits say the frame counter has no "
+            "frame after the reference (a single-repetition scan: nothing to compare; saves the reference's memory "
+            "and copies in the standard chains). Navigators are still compared.",
+        )
         min_evidence: float = Field(
             3.0, gt=0, description="Smallest run sum (log inconsistency above threshold) reported as motion; "
             "clean repetitions (simulated, the real 2-repetition phantom) stay below 0.5."
@@ -653,6 +659,10 @@ class ShotMotionQC(AccumulatingGadget):
         p = self.params
         enc = self.header.encoding[0] if getattr(self.header, "encoding", None) else None
         self._etl = int(p.shot_length or getattr(enc, "echoTrainLength", None) or 1)
+        lim = getattr(getattr(enc, "encodingLimits", None), p.frame_counter, None)
+        maximum = getattr(lim, "maximum", None)
+        #: False: the header promises no frame after the reference, imaging readouts are not kept
+        self.compares_frames = not (p.skip_single_frame and maximum is not None and int(maximum) <= p.reference_frame)
         self._other = "average" if p.frame_counter != "average" else "repetition"
         self._last_flag = 1 << (getattr(ismrmrd, f"ACQ_LAST_IN_{p.frame_counter.upper()}") - 1)
         self._end_flag = 1 << (ismrmrd.ACQ_LAST_IN_MEASUREMENT - 1)
@@ -692,7 +702,9 @@ class ShotMotionQC(AccumulatingGadget):
             buffer = buffer + (int(i.repetition), int(i.average))
         line = buffer + (int(i.kspace_encode_step_2), int(i.kspace_encode_step_1))
         n = self._counts.get((frame, buffer), 0)
-        self._counts[(frame, buffer)] = n + 1
+        self._counts[(frame, buffer)] = n + 1  # also numbers the navigators' shots
+        if not self.compares_frames:
+            return
         if frame == self.params.reference_frame:
             self._reference[line] = np.array(acq.data, dtype=np.complex64)
             return

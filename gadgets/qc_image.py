@@ -43,37 +43,86 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(centres[int(np.argmax(between))])
 
 
-def object_mask(mag: np.ndarray, margin_px: int = 3, relative: float = 0.15) -> np.ndarray:
-    """Object mask of a ``(y, x)`` magnitude image, from the noise level rather than the object's.
+def _cross_step(m: np.ndarray, grow: bool) -> np.ndarray:
+    """One dilation (``grow``) or erosion by the 3x3 cross; outside the image counts as background."""
+    out = m.copy()
+    op = np.logical_or if grow else np.logical_and
+    for src, dst in (((slice(1, None), slice(None)), (slice(None, -1), slice(None))),
+                     ((slice(None, -1), slice(None)), (slice(1, None), slice(None))),
+                     ((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
+                     ((slice(None), slice(None, -1)), (slice(None), slice(1, None)))):
+        op(out[dst], m[src], out=out[dst])
+    if not grow:  # the neighbours outside the image are background
+        out[0, :] = out[-1, :] = False
+        out[:, 0] = out[:, -1] = False
+    return out
+
+
+def dilate(mask: np.ndarray, r: int) -> np.ndarray:
+    """Binary dilation of a ``(y, x)`` mask by ``r`` steps of the 3x3 cross (a diamond of radius ``r``), as
+    ``scipy.ndimage.binary_dilation(mask, iterations=r)``, by array shifts (several times faster)."""
+    for _ in range(max(r, 0)):
+        mask = _cross_step(mask, True)
+    return mask
+
+
+def erode(mask: np.ndarray, r: int) -> np.ndarray:
+    """Binary erosion by ``r`` steps of the 3x3 cross, as ``scipy.ndimage.binary_erosion(mask, iterations=r)``."""
+    for _ in range(max(r, 0)):
+        mask = _cross_step(mask, False)
+    return mask
+
+
+def _open3(mask: np.ndarray) -> np.ndarray:
+    """Binary opening by the 3x3 square (separable 1-D minimum / maximum filters)."""
+    m = mask.view(np.uint8)
+    m = ndi.minimum_filter1d(ndi.minimum_filter1d(m, 3, axis=0, mode="constant", cval=0), 3, axis=1, mode="constant",
+                             cval=0)
+    m = ndi.maximum_filter1d(ndi.maximum_filter1d(m, 3, axis=0, mode="constant", cval=0), 3, axis=1, mode="constant",
+                             cval=0)
+    return m.view(bool)
+
+
+def object_masks(mag: np.ndarray, margin_px: int = 3, relatives: tuple[float, ...] = (0.15,)) -> list[np.ndarray]:
+    """Object masks of a ``(y, x)`` magnitude image, from the noise level rather than the object's.
 
     RSS images are shaded (bright near the coils), which defeats Otsu on the intensities;
     the background is what is predictable. On the 3x3-smoothed image (noise std / 3), pass
     1: a provisional background of pixels below twice the 15th percentile (the head covers
     < 85% of a field of view). Pass 2: object = above that background's mean + 4 std
-    (dilated by ``margin_px`` first) and above ``relative`` x the 95th percentile (keeps ghosts
-    out of the mask), opened (3x3), holes filled, specks
-    (< 5% of the largest component) dropped. Falls back to Otsu when there is no background.
+    (dilated by ``margin_px`` first) and above ``relative`` x the 95th percentile
+    (keeps ghosts out of the mask), opened (3x3), holes filled, specks (< 5% of the largest
+    component) dropped; one mask per value of ``relatives`` (the statistics are shared). Falls
+    back to Otsu when there is no background. Returns bool ``(y, x)`` arrays.
     """
     smooth = ndi.uniform_filter(mag.astype(np.float32, copy=False), size=3, mode="nearest")
-    low = 2.0 * float(np.percentile(smooth, 15))
-    prov = smooth > low
-    bg = ~ndi.binary_dilation(prov, iterations=margin_px) if margin_px else ~prov
+    p15, p95 = (float(v) for v in np.percentile(smooth, (15, 95)))
+    prov = smooth > 2.0 * p15
+    bg = ~dilate(prov, margin_px)
     if bg.sum() > 0.02 * mag.size:
         vals = smooth[bg]
-        t = float(vals.mean() + 4.0 * vals.std())
+        t0 = float(vals.mean() + 4.0 * vals.std())
     else:
-        t = otsu_threshold(smooth.ravel())
-    # artefacts (motion / N/2 ghosts) must stay outside: an object pixel is also above a fraction
-    # of the bright object (fill_holes brings back dark interior such as CSF)
-    t = max(t, relative * float(np.percentile(smooth, 95)))
-    m = ndi.binary_opening(smooth > t, structure=np.ones((3, 3), bool))
-    m = ndi.binary_fill_holes(m)
-    lab, n = ndi.label(m)
-    if n > 1:
-        sizes = ndi.sum(m, lab, index=np.arange(1, n + 1))
-        keep = np.flatnonzero(sizes >= 0.05 * sizes.max()) + 1
-        m = np.isin(lab, keep)
-    return m
+        t0 = otsu_threshold(smooth.ravel())
+    out = []
+    for relative in relatives:
+        # artefacts (motion / N/2 ghosts) must stay outside: an object pixel is also above a fraction
+        # of the bright object (fill_holes brings back dark interior such as CSF)
+        t = max(t0, relative * p95)
+        m = _open3(smooth > t)
+        m = ndi.binary_fill_holes(m)
+        lab, n = ndi.label(m)
+        if n > 1:
+            sizes = ndi.sum(m, lab, index=np.arange(1, n + 1))
+            keep = np.flatnonzero(sizes >= 0.05 * sizes.max()) + 1
+            m = np.isin(lab, keep)
+        out.append(m)
+    return out
+
+
+def object_mask(mag: np.ndarray, margin_px: int = 3, relative: float = 0.15) -> np.ndarray:
+    """The object mask of :func:`object_masks` at one ``relative`` threshold."""
+    return object_masks(mag, margin_px, (relative,))[0]
 
 
 def rss_noise_median_factor(channels: int) -> float:
@@ -87,8 +136,8 @@ class ImageQC(AccumulatingGadget):
 
     Per z plane of each ``(1, z, y, x)`` image (x = readout, y = phase encoding):
 
-    * object mask: Otsu threshold, 3x3 opening, holes filled, specks dropped;
-      background = outside the mask dilated by ``margin_px``;
+    * object mask (:func:`object_masks`): noise-referenced threshold, 3x3 opening, holes filled,
+      specks dropped; background = outside the mask dilated by ``margin_px``;
     * noise: per-channel noise std ``sigma`` from the median background magnitude, corrected
       for the chi distribution of the RSS of ``N`` channels (N from the noise scan,
       ``context.shared["noise"]``, else the header's receiverChannels; 1 for complex images).
@@ -102,7 +151,9 @@ class ImageQC(AccumulatingGadget):
       ``sqrt(tr(C^-1) mean(diag C) / N)``, so it is the SNR of the unwhitened RSS image
       over the mean channel's noise, the convention of :func:`inline.simulate.simulate_scan`;
     * ``ghosting``: the background is fitted as ``a * object shifted by FOV/2 along PE + b``;
-      ``a`` (ghost-to-signal ratio) above ``ghost_threshold``;
+      ``a`` (ghost-to-signal ratio) above ``ghost_threshold``; fitted with the object mask at
+      0.15 of the bright object and, for ghosts strong enough to enter that mask, with a
+      stricter one (``ghost_mask_relative``, counted from ``ghost_strict_min``), the larger kept;
     * ``motion``: mean background in the PE band (columns of the object, outside it) minus
       that in the readout band (rows of the object, outside it), after removing the fitted
       N/2 ghost, over the object mean, above ``motion_threshold``.
@@ -131,6 +182,21 @@ class ImageQC(AccumulatingGadget):
             description="Excess PE-band background over readout-band background, relative to the object mean "
             "(clean images: |value| < 0.01; visible motion ghosts: > 0.05).",
         )
+        ghost_mask_relative: float = Field(
+            0.4,
+            gt=0,
+            lt=1,
+            description="The N/2 ghost fit takes its object template and background from a mask at this fraction of "
+            "the bright object (95th percentile of the smoothed image) instead of 0.15: a ghost of 15-40% of the object "
+            "(0.3-0.8 rad odd/even phase error) would otherwise enter the 0.15 mask, leaving no background to fit it.",
+        )
+        ghost_strict_min: float = Field(
+            0.12,
+            gt=0,
+            description="The strict-mask ghost fit (ghost_mask_relative) counts only from this ratio on: it exists for "
+            "ghosts strong enough to enter the 0.15 mask (> ~15 %); below, dim object parts left outside the strict "
+            "mask can fake a few per cent (clean simulated slices: up to 0.051).",
+        )
         margin_px: int = Field(3, ge=0, description="Dilation of the object mask before taking the background [pixels].")
         min_background_fraction: float = Field(
             0.05, gt=0, lt=1, description="Fewer background pixels than this fraction of the image: skip the checks."
@@ -144,6 +210,11 @@ class ImageQC(AccumulatingGadget):
         super().__init__(context, params)
         self.alerts = AlertFactory(context)
         self._emitted: set[tuple] = set()
+        enc = self.header.encoding[0] if getattr(self.header, "encoding", None) else None
+        af = getattr(getattr(enc, "parallelImaging", None), "accelerationFactor", None)
+        #: ky acceleration of the scan: aliasing of an undersampled acquisition is not an N/2 ghost, and the
+        #: strict-mask ghost fit (which leaves dim parts of the object in the background) is not used then
+        self._ky_acceleration = int(getattr(af, "kspace_encoding_step_1", 1) or 1)
         #: metrics of the last image, per z plane (for tests and the dashboard)
         self.last_metrics: list[dict] = []
 
@@ -176,7 +247,10 @@ class ImageQC(AccumulatingGadget):
         """Metrics of one ``(y, x)`` magnitude plane; None when there is too little background."""
         p = self.params
         ny, nx = mag.shape
-        mask = object_mask(mag, p.margin_px)
+        if self._ky_acceleration == 1:
+            mask, strict = object_masks(mag, p.margin_px, (0.15, p.ghost_mask_relative))
+        else:
+            mask = strict = object_mask(mag, p.margin_px)
         if not mask.any():
             # no object distinguishable from the noise: noise-dominated (e.g. raised noise x16 on a phantom
             # filling 3/4 of the FOV), an SNR of ~0 for low_snr rather than no measurement
@@ -185,10 +259,18 @@ class ImageQC(AccumulatingGadget):
                 "ghost_ratio": 0.0, "motion_index": 0.0, "object_fraction": 0.0, "channels": channels,
                 "whitening_factor": whitening,
             }
-        grown = ndi.binary_dilation(mask, iterations=p.margin_px) if p.margin_px else mask
+        grown = dilate(mask, p.margin_px)
         bg = ~grown
+        ghost = self._ghost(mag, mask, strict, grown)
         if bg.sum() < p.min_background_fraction * mag.size:
-            return None
+            if ghost is None:
+                return None
+            # a strong ghost fills the 0.15 mask: no background for SNR and PE band, the ghost fit still holds
+            return {
+                "snr": None, "noise_std": None, "object_mean": float(mag[mask].mean()), "ghost_ratio": ghost[0],
+                "motion_index": 0.0, "object_fraction": float(mask.mean()), "channels": channels,
+                "whitening_factor": whitening,
+            }
         obj_mean = float(mag[mask].mean())
         if effective_channels and channels > 1:
             # unwhitened, correlated channels: RSS^2 ~ gamma with N_eff = mean^2 / var (moment match)
@@ -196,25 +278,12 @@ class ImageQC(AccumulatingGadget):
             channels = int(np.clip(round(b2.mean() ** 2 / max(b2.var(), 1e-30)), 1, channels))
         med = float(np.median(mag[bg]))
         sigma = med / rss_noise_median_factor(channels)
-        interior = ndi.binary_erosion(mask, iterations=erode_px) if erode_px else mask
+        interior = erode(mask, erode_px)
         if interior.sum() < 0.25 * mask.sum():
             interior = mask
         sq = mag[interior].astype(np.float64) ** 2 - channels * sigma**2
         snr = float(np.sqrt(np.maximum(sq, 0)).mean() / max(sigma, 1e-30)) / whitening
-        # N/2 ghost: least-squares fit of the background against the object shifted by FOV/2
-        shifted = np.roll(np.where(mask, mag, 0), ny // 2, axis=0)
-        region = bg & (shifted > 0)
-        ghost = 0.0
-        fit = np.zeros_like(mag)
-        if region.sum() > 16:
-            x = shifted[bg]
-            y = mag[bg]
-            xc = x - x.mean()
-            var = float(np.dot(xc, xc))
-            if var > 0:
-                a = float(np.dot(xc, y - y.mean()) / var)
-                ghost = max(a, 0.0)
-                fit[bg] = ghost * x
+        ghost, fit = ghost if ghost is not None else (0.0, np.zeros_like(mag))
         # motion: background along PE (object columns) vs along readout (object rows)
         cols = mask.any(axis=0)
         rows = mask.any(axis=1)
@@ -232,6 +301,43 @@ class ImageQC(AccumulatingGadget):
             "object_fraction": float(mask.mean()), "channels": channels, "whitening_factor": whitening,
         }
 
+    def _ghost(
+        self, mag: np.ndarray, mask: np.ndarray, strict: np.ndarray, grown: np.ndarray
+    ) -> tuple[float, np.ndarray] | None:
+        """N/2 ghost-to-signal ratio of a ``(y, x)`` magnitude plane and the fitted ghost image (0 off its fit region).
+
+        Least-squares fit ``background = a * template + b``, the template the object shifted by
+        FOV/2 along y (phase encoding), over the background; done with ``mask`` (0.15 of the
+        bright object: the whole object, but a ghost above ~15 % enters it and hides) and with
+        the mask at ``ghost_mask_relative`` (the ghost stays outside up to that fraction, dim
+        object parts are left out of the template, so ``a`` comes out low; counted from
+        ``ghost_strict_min`` on, and only for scans without ky acceleration), the larger ``a``
+        kept. ``grown``: ``mask`` dilated by ``margin_px``. None: too little background overlapped by
+        the shifted object (<= 16 pixels).
+        """
+        p = self.params
+        ny = mag.shape[0]
+        best = None
+        for m in (mask, strict) if strict.any() and strict is not mask else (mask,):
+            bg = ~(grown if m is mask else dilate(m, p.margin_px))
+            shifted = np.roll(np.where(m, mag, 0), ny // 2, axis=0)
+            if (bg & (shifted > 0)).sum() <= 16:
+                continue
+            x = shifted[bg]
+            y = mag[bg]
+            xc = x - x.mean()
+            var = float(np.dot(xc, xc))
+            if var <= 0:
+                continue
+            a = max(float(np.dot(xc, y - y.mean()) / var), 0.0)
+            if m is strict and a < p.ghost_strict_min:
+                continue
+            if best is None or a > best[0]:
+                fit = np.zeros_like(mag)
+                fit[bg] = a * x
+                best = (a, fit)
+        return best
+
     def process(self, item: ImageBuffer, trace: Trace) -> Iterator[Output]:
         yield item, trace  # the tap: the image first, QC after
         data = to_host(item.data)
@@ -248,10 +354,13 @@ class ImageQC(AccumulatingGadget):
         self.last_metrics = [m for m in metrics if m is not None]
         if not self.last_metrics:
             return
-        snr = float(np.median([m["snr"] for m in self.last_metrics]))
+        # planes whose background a strong ghost filled carry no SNR (None): the others decide low_snr
+        snrs = [m["snr"] for m in self.last_metrics if m["snr"] is not None]
+        snr = float(np.median(snrs)) if snrs else float("inf")
         ghost = float(np.median([m["ghost_ratio"] for m in self.last_metrics]))
         motion = float(np.median([m["motion_index"] for m in self.last_metrics]))
-        evidence = {k: round(float(np.median([m[k] for m in self.last_metrics])), 4) for k in self.last_metrics[0]}
+        evidence = {k: round(float(np.median(v)), 4) for k in self.last_metrics[0]
+                    if (v := [m[k] for m in self.last_metrics if m[k] is not None])}
         p = self.params
         where = f"series {self.alerts.series}, {slice_label([s])}, repetition {rep}"
         common = dict(revealed_ns=trace.last_arrival_ns, slices=[s], repetition=rep, evidence=evidence)

@@ -49,6 +49,16 @@ def _key(acq: ismrmrd.Acquisition) -> Key:
     return (int(i.slice), int(i.contrast), int(i.phase), int(i.repetition), int(i.set))
 
 
+def _median_last(x: np.ndarray) -> np.ndarray | float:
+    """Median along the last axis (as ``np.median``), via one ``np.partition``: less call overhead per readout."""
+    n = x.shape[-1]
+    k = n // 2
+    if n % 2:
+        return np.partition(x, k, axis=-1)[..., k]
+    part = np.partition(x, (k - 1, k), axis=-1)
+    return 0.5 * (part[..., k - 1] + part[..., k])
+
+
 def _correlation(a: np.ndarray, b: np.ndarray) -> float:
     """``|<a, b>| / (|a| |b|)`` of two complex arrays: 1 for equal up to a global phase/scale."""
     na, nb = float(np.vdot(a, a).real), float(np.vdot(b, b).real)
@@ -69,20 +79,16 @@ def _robust_outliers(
     """
     lv = np.log(np.maximum(np.asarray(level, dtype=np.float64), 1e-30))
     n = lv.shape[0]
-    ratio = np.ones(n)
-    thr = np.full(n, np.inf)
     if n < 2:
-        return ratio, thr
-    for c in range(n):
-        others = np.delete(lv, c)
-        m = float(np.median(others))
-        s = 1.4826 * float(np.median(np.abs(others - m))) if n > 2 else 0.0
-        t = max(np.log(floor), k * s)
-        if cap is not None:
-            t = min(t, np.log(max(cap, floor)))
-        ratio[c] = float(np.exp(lv[c] - m))
-        thr[c] = float(np.exp(t))
-    return ratio, thr
+        return np.ones(n), np.full(n, np.inf)
+    # row c: every channel but c (vectorised leave-one-out)
+    others = np.broadcast_to(lv, (n, n))[~np.eye(n, dtype=bool)].reshape(n, n - 1)
+    m = np.median(others, axis=1)
+    s = 1.4826 * np.median(np.abs(others - m[:, None]), axis=1) if n > 2 else np.zeros(n)
+    t = np.maximum(np.log(floor), k * s)
+    if cap is not None:
+        t = np.minimum(t, np.log(max(cap, floor)))
+    return np.exp(lv - m), np.exp(t)
 
 
 @dataclass
@@ -123,7 +129,8 @@ class ReadoutQC(AccumulatingGadget):
       median channel.
     * ``coil_dropout`` in imaging: on the k-space centre lines, a channel whose
       centre-to-edge power ratio is below ``dropout_signal_ratio`` (noise only, or zeros)
-      while it had signal before (own history) or the median channel has signal.
+      while it had signal before (own history) or the median channel has signal. Series-wide
+      (empty ``slices``: a dead element stays dead), ``evidence.first_slice`` where it was found.
     * ``coil_noise`` in imaging (every ``noise_window_lines`` outer-ky lines): per channel a
       robust high-kx noise level (per line the median |x|^2 of the readout ends / ln 2, then
       the 20th percentile over the outer lines so far: signal at high kx only raises it).
@@ -140,7 +147,9 @@ class ReadoutQC(AccumulatingGadget):
       kx, all channels) of each repetition against the first, once all its centre lines are
       in: ``1 - |<a, b>| / (|a| |b|)`` above ``motion_threshold`` (insensitive to a global
       phase or scale, sensitive to translation, rotation and coil-relative motion);
-      navigator readouts (IS_NAVIGATION_DATA) likewise against the first navigator.
+      navigator readouts (IS_NAVIGATION_DATA) likewise against the first navigator. Mid-scan
+      (at LAST_IN_SLICE, :meth:`_midscan`): a jump of the error of predicting each line from its
+      ky neighbours across the coils (channels compressed to ``midscan_virtual_coils``); weak.
 
     Noise statistics go into ``context.shared["noise"]``: ``std`` (coils,) [scanner units,
     sqrt(E|n|^2)], ``covariance`` (coils, coils) complex128, ``dwell_time_us``,
@@ -256,6 +265,11 @@ class ReadoutQC(AccumulatingGadget):
             "all coils (a GRAPPA-like kernel fitted on the slice) exceeds this many times the local median "
             "(clean simulated slices reach 4.5).",
         )
+        midscan_virtual_coils: int = Field(
+            8, ge=2, description="Mid-scan motion check: channels compressed to this many virtual coils (SVD of the "
+            "central lines' channel covariance) before the kernel fit (CPU: the fit grows with its square).")
+        midscan_kx_samples: int = Field(
+            33, ge=5, description="Mid-scan motion check: central readout samples of the kept band used by the fit.")
         check_coverage: bool = Field(True, description="Report missing ky/kz lines.")
 
     accepts: ClassVar[tuple[type, ...]] = (ismrmrd.Acquisition,)
@@ -303,6 +317,7 @@ class ReadoutQC(AccumulatingGadget):
         self._edge_power: list[np.ndarray] = []  # per-line (coils,) edge power, rolling window
         self._coil_lines: list[np.ndarray] = []  # per outer line (coils,) robust high-kx noise power (coil_noise)
         self._coil_pending = 0
+        self._outer_seen = 0  # outer-ky imaging lines so far (every other one feeds coil_noise on long readouts)
         self._emitted: set[tuple] = set()
         self._dead: set[int] = set()
         self._noisy: set[int] = set()
@@ -401,14 +416,19 @@ class ReadoutQC(AccumulatingGadget):
         if not flags & _CAL:
             st.imaging_ky.add(ky)
             st.imaging_kz.add(kz)
-        power = data.real * data.real + data.imag * data.imag  # (coils, samples) |x|^2
+        mag = np.abs(data)  # (coils, samples) |x|; |x|^2 only where needed (CPU: one pass over the readout)
         nx = data.shape[1]
         e = max(2, int(nx * self.params.edge_fraction))
-        edge = 0.5 * (power[:, :e].mean(axis=1) + power[:, -e:].mean(axis=1))  # (coils,)
+        lo_e, hi_e = mag[:, :e], mag[:, -e:]
+        edge = (0.5 / e) * (np.einsum("ij,ij->i", lo_e, lo_e) + np.einsum("ij,ij->i", hi_e, hi_e))  # (coils,) edge power
         st.edge_noise.append(float(edge.sum()))
-        yield from self._spike(item, trace, st, key, kz, ky, np.sqrt(power), edge)
+        yield from self._spike(item, trace, st, key, kz, ky, mag, edge)
+        # CPU: readouts over 256 samples (256+ matrices, 128+ outer lines per slice) feed every other outer
+        # line to the coil-noise estimate, still >= noise_window_lines lines per estimate within 2 windows
         if self._outer_line(ky):
-            yield from self._imaging_noise(item, trace, key, edge)
+            self._outer_seen += 1
+            if nx <= 256 or self._outer_seen % 2:
+                yield from self._imaging_noise(item, trace, key, edge)
         if self._block_line(ky, kz):
             c0 = int(item.center_sample) if 0 < item.center_sample < nx else nx // 2
             wx = max(4, int(round(nx * self.params.motion_block_fraction)))
@@ -419,7 +439,7 @@ class ReadoutQC(AccumulatingGadget):
             yield from self._motion(trace, key, st, final=False)
         centre = self._centre_line(ky, kz)
         if centre:
-            yield from self._dropout(item, trace, key, st, power, edge, ky == self._ky_lim[2])
+            yield from self._dropout(item, trace, key, st, mag, edge, ky == self._ky_lim[2])
             c0 = int(item.center_sample) if 0 < item.center_sample < nx else nx // 2
             w = max(2, int(round(nx * self.params.centre_fraction)))
             st.centre[(kz, ky)] = np.array(data[:, max(0, c0 - w) : c0 + w + 1])
@@ -460,9 +480,6 @@ class ReadoutQC(AccumulatingGadget):
         m = mag.sum(axis=0)  # (samples,) channel-summed magnitude
         nx = m.shape[0]
         half = p.spike_median_window // 2
-        win = np.lib.stride_tricks.sliding_window_view(np.pad(m, half, mode="reflect"), p.spike_median_window)
-        med = np.partition(win, half, axis=1)[:, half]
-        ref = med
         neighbour = None
         for d in (1, -1, 2, -2, 3, -3):
             neighbour = st.profiles.get((kz, ky + d))
@@ -477,18 +494,26 @@ class ReadoutQC(AccumulatingGadget):
         # noise floor: median channel-summed magnitude of the edge (high-kx) samples (a spike among them
         # does not raise it, unlike their mean power; files without a noise scan rely on it)
         e = max(2, int(nx * p.edge_fraction))
-        floor = float(np.median(np.concatenate([m[:e], m[-e:]])))
+        floor = float(_median_last(np.concatenate([m[:e], m[-e:]])))
         if self.noise_std is not None and self.noise_std.shape[0] == mag.shape[0]:
             floor = min(floor, _RAYLEIGH_MEAN * float(self.noise_std.sum())) if floor > 0 else floor
-        cand = np.flatnonzero((m > p.spike_ratio * med) & (m > p.spike_noise_ratio * floor))
-        if cand.size == 0:
-            return
-        if neighbour is not None:
+        cand = np.flatnonzero(m > p.spike_noise_ratio * floor)
+        nb = None
+        if cand.size and neighbour is not None:
             nb = np.maximum(neighbour, np.maximum(np.roll(neighbour, 1), np.roll(neighbour, -1)))
             cand = cand[m[cand] > p.spike_ratio * nb[cand]]
+        if cand.size == 0:
+            return
+        # running median along kx (reflect-padded), only where the cheap tests left a candidate
+        padded = np.pad(m, half, mode="reflect")
+        med = np.zeros(nx)
+        med[cand] = _median_last(padded[cand[:, None] + np.arange(p.spike_median_window)[None, :]])
+        if nb is not None:
+            cand = cand[m[cand] > p.spike_ratio * med[cand]]
             ref = np.maximum(med, nb)
         else:  # first line of a buffer: only the running median; demand twice the margin
             cand = cand[m[cand] > 2 * p.spike_ratio * med[cand]]
+            ref = med
         if cand.size == 0:
             return
         s, rep = key[0], key[3]
@@ -524,9 +549,10 @@ class ReadoutQC(AccumulatingGadget):
             return
         data = acq.data
         e = max(2, int(data.shape[1] * p.edge_fraction))
-        ends = np.concatenate([data[:, :e], data[:, -e:]], axis=1)
+        step = max(1, e // 16)  # CPU: at most ~32 samples per channel and line (512-sample readouts: every 4th)
+        ends = np.concatenate([data[:, :e:step], data[:, -e::step]], axis=1)
         # median |x|^2 / ln 2: the noise power of a line's readout ends, robust to a few signal samples
-        level = np.median(ends.real * ends.real + ends.imag * ends.imag, axis=1) / np.log(2.0)
+        level = _median_last(ends.real * ends.real + ends.imag * ends.imag) / np.log(2.0)
         if self._coil_lines and self._coil_lines[-1].shape != level.shape:
             self._coil_lines.clear()
         self._coil_lines.append(level)
@@ -567,7 +593,7 @@ class ReadoutQC(AccumulatingGadget):
                       "source": source, "scan_counter": int(acq.scan_counter)},
         ), trace
 
-    def _dropout(self, acq, trace, key: Key, st: _SliceState, power: np.ndarray, edge: np.ndarray, at_centre: bool
+    def _dropout(self, acq, trace, key: Key, st: _SliceState, mag: np.ndarray, edge: np.ndarray, at_centre: bool
                  ) -> Iterator[Output]:
         """Decide once per buffer, on the k-space-centre line (kz centre in 3D) alone: lines off the centre
         can cancel in one channel (coil phase), the centre line carries every channel's full signal."""
@@ -576,10 +602,11 @@ class ReadoutQC(AccumulatingGadget):
         if st.dropout_done or not (at_centre and kz_ok):
             return
         st.dropout_done = True
-        nx = power.shape[1]
+        nx = mag.shape[1]
         c0 = int(acq.center_sample) if 0 < acq.center_sample < nx else nx // 2
         w = max(2, int(round(nx * p.centre_fraction)))
-        centre = power[:, max(0, c0 - w) : c0 + w + 1].mean(axis=1)
+        cm = mag[:, max(0, c0 - w) : c0 + w + 1]
+        centre = (cm * cm).mean(axis=1)
         silent = (centre <= 0) & (edge <= 0)  # a live receiver always has noise
         ratio = centre / np.maximum(edge, 1e-30)
         ratio[silent] = 0.0
@@ -596,15 +623,17 @@ class ReadoutQC(AccumulatingGadget):
             return
         self._dead.update(new)
         s, rep = key[0], key[3]
+        # a dead element stays dead: series-wide (empty slices), the slice where it was first seen in the evidence
         yield self._alert(
             AlertCode.COIL_DROPOUT, Severity.CRITICAL,
-            f"Receive channel(s) {new} dropped out in series {self.series} at {slice_label([s])}, repetition {rep}: "
-            "no signal above noise at the k-space centre.",
+            f"Receive channel(s) {new} dropped out in series {self.series}, first seen at {slice_label([s])}, "
+            f"repetition {rep}: no signal above noise at the k-space centre; every later slice is affected.",
             "Check the coil plug and that the patient has not moved off the coil; reconnect or swap the coil and "
             "repeat the series (shading or signal voids expected).",
-            trace, slices=[s], repetition=rep, value=float(ratio[new].max()), threshold=p.dropout_signal_ratio,
+            trace, value=float(ratio[new].max()), threshold=p.dropout_signal_ratio,
             unit="centre/edge power",
-            evidence={"channels": new, "centre_to_edge": [round(float(ratio[c]), 3) for c in new],
+            evidence={"channels": new, "first_slice": s, "first_repetition": rep,
+                      "centre_to_edge": [round(float(ratio[c]), 3) for c in new],
                       "history": [round(float(hist[c]), 1) for c in new], "median_channel": round(med, 1),
                       "zeros": [int(c) for c in np.flatnonzero(silent)], "scan_counter": int(acq.scan_counter),
                       "ky": int(acq.idx.kspace_encode_step_1)},
@@ -736,32 +765,54 @@ class ReadoutQC(AccumulatingGadget):
         except StopIteration:
             return
         coils, w = shape
-        def feats(y):
-            lo, hi = lines[y - 1], lines[y + 1]
-            return np.concatenate([lo[:, :-2], lo[:, 1:-1], lo[:, 2:], hi[:, :-2], hi[:, 1:-1], hi[:, 2:]])
-        x = np.stack([feats(y) for y in targets])  # (t, 6 coils, w - 2)
-        yv = np.stack([lines[y][:, 1:-1] for y in targets])  # (t, coils, w - 2)
-        xm = x.transpose(0, 2, 1).reshape(-1, x.shape[1]).astype(np.complex128)
-        ym = yv.transpose(0, 2, 1).reshape(-1, coils).astype(np.complex128)
-        g = xm.conj().T @ xm
+        # cost: coil compression (SVD of the centre lines' channel Gram, BART cc -S style) to
+        # midscan_virtual_coils and the central midscan_kx_samples: 32 channels x 129 samples would
+        # cost ~1 s of least squares per slice, compressed a few ms, with the same per-line errors
+        p = self.params
+        half = p.midscan_kx_samples // 2
+        arr = np.stack([lines[y] for y in kys])  # (lines, coils, w), ky ascending
+        if w > 2 * half + 1:
+            c0 = w // 2
+            arr = arr[:, :, c0 - half : c0 + half + 1]
+            w = 2 * half + 1
+        if coils > p.midscan_virtual_coils:
+            mid = arr[max(0, len(kys) // 2 - 4) : len(kys) // 2 + 5].transpose(1, 0, 2).reshape(coils, -1)
+            _, vec = np.linalg.eigh(mid @ mid.conj().T)
+            u = vec[:, ::-1][:, : p.midscan_virtual_coils].conj().T.astype(np.complex64)  # (virtual, coils)
+            arr = np.matmul(u, arr.astype(np.complex64, copy=False))  # (lines, virtual, w)
+            coils = p.midscan_virtual_coils
+        pos = {y: i for i, y in enumerate(kys)}
+        lo = arr[[pos[y - 1] for y in targets]]
+        hi = arr[[pos[y + 1] for y in targets]]
+        x = np.concatenate([lo[:, :, :-2], lo[:, :, 1:-1], lo[:, :, 2:], hi[:, :, :-2], hi[:, :, 1:-1], hi[:, :, 2:]],
+                           axis=1)  # (t, 6 coils, w - 2)
+        yv = arr[[pos[y] for y in targets]][:, :, 1:-1]  # (t, coils, w - 2)
+        # products in complex64 (CPU), the small normal equations solved in complex128
+        xm = x.transpose(0, 2, 1).reshape(-1, x.shape[1]).astype(np.complex64)
+        ym = yv.transpose(0, 2, 1).reshape(-1, coils).astype(np.complex64)
+        xh = xm.conj().T
+        g = (xh @ xm).astype(np.complex128)
         lam = 1e-4 * float(np.real(np.trace(g))) / g.shape[0]
-        kern = np.linalg.solve(g + lam * np.eye(g.shape[0]), xm.conj().T @ ym)
+        kern = np.linalg.solve(g + lam * np.eye(g.shape[0]), (xh @ ym).astype(np.complex128)).astype(np.complex64)
         res = (ym - xm @ kern).reshape(len(targets), w - 2, coils)
         err = np.median((np.abs(res) ** 2).sum(axis=2), axis=1)  # robust to a spike at one kx
         sig = np.median((np.abs(ym.reshape(len(targets), w - 2, coils)) ** 2).sum(axis=2), axis=1)
         e = err / np.maximum(sig, 1e-30)
         t = np.array(targets)
-        z_scores = np.ones_like(e)
-        for i, y in enumerate(t):
-            near = (np.abs(t - y) >= 2) & (np.abs(t - y) <= 6)
-            if near.sum() >= 3:
-                z_scores[i] = e[i] / max(float(np.median(e[near])), 1e-30)
+        # local reference of each target: the median error of the targets 2-6 ky lines away
+        offs = np.array([-6, -5, -4, -3, -2, 2, 3, 4, 5, 6])
+        want = t[:, None] + offs[None, :]
+        at = np.clip(np.searchsorted(t, want), 0, len(t) - 1)
+        valid = t[at] == want
+        local = np.where(valid, e[at], np.nan)
+        enough = valid.sum(axis=1) >= 3
+        med = np.nanmedian(np.where(enough[:, None], local, 1.0), axis=1)
+        z_scores = np.where(enough, e / np.maximum(med, 1e-30), 1.0)
         pair = [(min(z_scores[i], z_scores[i + 1]), int(t[i])) for i in range(len(t) - 1) if t[i + 1] == t[i] + 1]
         if not pair:
             return
         score, at = max(pair)
         self.midscan_score = score
-        p = self.params
         if score <= p.motion_jump_ratio:
             return
         yield from self._motion_alert(

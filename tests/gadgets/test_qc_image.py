@@ -165,3 +165,18 @@ def test_real_data_raises_no_image_alerts(shared_data):
         header, acqs = read_mrd(path)
         _, _, alerts = run_qc_chain(header, acqs)
         assert alerts == [], (name, [a.to_text() for a in alerts])
+
+
+def test_fast_morphology_matches_scipy():
+    """The shift-based dilation / erosion / opening ImageQC uses (CPU) equal SciPy's."""
+    import scipy.ndimage as ndi
+
+    from gadgets.qc_image import _open3, dilate, erode
+
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        m = ndi.uniform_filter(rng.random((40, 50)), 5) > 0.52
+        for r in (1, 2, 3):
+            assert (dilate(m, r) == ndi.binary_dilation(m, iterations=r)).all()
+            assert (erode(m, r) == ndi.binary_erosion(m, iterations=r)).all()
+        assert (_open3(m) == ndi.binary_opening(m, structure=np.ones((3, 3), bool))).all()

@@ -129,6 +129,8 @@ def test_dead_channel_from_slice_k(kind):
     assert "coil_dropout" in codes(alerts)
     drop = [a for a in alerts if a.code == AlertCode.COIL_DROPOUT]
     assert len(drop) == 1 and drop[0].evidence["channels"] == [6]
+    # a dead element affects every later slice: the alert is series-wide, the first slice in the evidence
+    assert drop[0].slices == [] and drop[0].evidence["first_slice"] in {a.idx.slice for a in imaging(acqs)}
     assert set(codes(alerts)) <= {"coil_dropout", "coil_noise"}
 
 
