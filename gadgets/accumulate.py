@@ -18,7 +18,8 @@ import numpy as np
 from pydantic import Field
 
 from gadgets._common import NON_IMAGING_MASK, copy_header, readout_placement
-from inline.buffers import AcquisitionIndex, EncodingInfo, ReconBuffer
+from gadgets.fft_recon import centred_fft, centred_ifft
+from inline.buffers import HYBRID, KSPACE, AcquisitionIndex, EncodingInfo, ReconBuffer, domain_of
 from inline.gadget import AccumulatingGadget, GadgetParams, Output
 from inline.registry import register
 from inline.trace import Trace
@@ -47,6 +48,7 @@ class _Grid:
     sums: np.ndarray  # (coils, kz, ky, kx) complex64
     counts: np.ndarray  # (kz, ky) int32
     center_sample: int
+    domain: str = KSPACE  # of the first line; later lines are brought to it
 
     def average(self) -> tuple[np.ndarray, np.ndarray]:
         sampled = self.counts > 0
@@ -54,6 +56,15 @@ class _Grid:
         if np.any(self.counts > 1):
             data = data / np.maximum(self.counts, 1)[None, :, :, None].astype(np.float32)
         return data.astype(np.complex64, copy=False), sampled
+
+
+def _to_domain(data: np.ndarray, have: str, want: str) -> np.ndarray:
+    """``data`` (``(..., kx)`` or ``(..., x)``) brought from domain ``have`` to ``want`` along the readout."""
+    if have == want:
+        return data
+    if want == HYBRID:
+        return centred_ifft(np.ascontiguousarray(data), (data.ndim - 1,), workers=1)
+    return centred_fft(np.ascontiguousarray(data), (data.ndim - 1,), workers=1)
 
 
 @dataclass
@@ -94,6 +105,12 @@ class AcquisitionAccumulateTrigger(AccumulatingGadget):
     lines wait for imaging lines of the same index (dropped at close). Emitted buffers are
     sorted by (encoding space, index).
 
+    Domains: a buffer takes the domain (:mod:`inline.buffers`) of its first line, k-space
+    or hybrid (readout already in image space, from
+    :class:`~gadgets.oversampling.RemoveReadoutOversampling` ``output_domain: hybrid``); a
+    later line in the other domain is transformed along the readout to it (e.g. an
+    IS_REVERSE line, flipped in k-space first). The buffer's ``domain`` says which.
+
     Emitted buffer: ``data`` complex64 averaged lines (0 where unsampled), ``sampled``
     ``(kz, ky)``; ``header`` = a copy of the header of the imaging line nearest the
     ky/kz centre, with ``number_of_samples``/``center_sample``/``discard_*`` rewritten to
@@ -119,6 +136,7 @@ class AcquisitionAccumulateTrigger(AccumulatingGadget):
 
     accepts: ClassVar[tuple[type, ...]] = (ismrmrd.Acquisition,)
     emits: ClassVar[tuple[type, ...]] = (ReconBuffer,)
+    accepts_hybrid: ClassVar[bool] = True
 
     def __init__(self, context, params=None):
         super().__init__(context, params)
@@ -167,13 +185,18 @@ class AcquisitionAccumulateTrigger(AccumulatingGadget):
             data = data[:, ::-1]
         return data, center
 
-    def _put(self, grid: _Grid | None, data: np.ndarray, center: int, z: int, y: int, nz: int, ny: int, acq) -> _Grid:
+    def _put(
+        self, grid: _Grid | None, data: np.ndarray, center: int, z: int, y: int, nz: int, ny: int, acq, domain: str
+    ) -> _Grid:
         if grid is None:
             grid = _Grid(
                 sums=np.zeros((data.shape[0], nz, ny, data.shape[1]), np.complex64),
                 counts=np.zeros((nz, ny), np.int32),
                 center_sample=center,
+                domain=domain,
             )
+        else:
+            data = _to_domain(data, domain, grid.domain)
         coils, _, _, nx = grid.sums.shape
         if data.shape != (coils, nx) or center != grid.center_sample:
             raise ValueError(
@@ -206,14 +229,15 @@ class AcquisitionAccumulateTrigger(AccumulatingGadget):
         if p is None:
             p = self._pending[key] = _Pending(space, index, enc)
         data, center = self._line(acq)
+        domain = domain_of(acq)
         if to_image:
-            p.image = self._put(p.image, data, center, z, y, nz, ny, acq)
+            p.image = self._put(p.image, data, center, z, y, nz, ny, acq, domain)
             distance = abs(y - ny // 2) + abs(z - nz // 2)
             if distance < p.header_distance:
                 p.header_distance = distance
                 p.header = copy_header(acq)
         if to_ref:
-            p.reference = self._put(p.reference, data, center, z, y, nz, ny, acq)
+            p.reference = self._put(p.reference, data, center, z, y, nz, ny, acq, domain)
         p.traces.append(trace)
 
     # -- emission -------------------------------------------------------------------
@@ -231,6 +255,8 @@ class AcquisitionAccumulateTrigger(AccumulatingGadget):
             head.center_sample = max(p.image.center_sample, 0)
             head.discard_pre = head.discard_post = 0
             ref, ref_sampled = p.reference.average() if p.reference is not None else (None, None)
+            if ref is not None:
+                ref = _to_domain(ref, p.reference.domain, p.image.domain)
             buf = ReconBuffer(
                 data=data,
                 sampled=sampled,
@@ -240,6 +266,7 @@ class AcquisitionAccumulateTrigger(AccumulatingGadget):
                 readout_fov_mm=p.encoding.encoded_fov_mm[0] * n_full / p.encoding.encoded_matrix[0],
                 reference=ref,
                 reference_sampled=ref_sampled,
+                domain=p.image.domain,
             )
             yield buf, Trace.merge_all(p.traces)
 

@@ -28,15 +28,16 @@ def rss(images: np.ndarray) -> np.ndarray:
     """Root-sum-of-squares over axis 0: ``(coils, ...)`` complex -> ``(1, ...)`` float32.
 
     One pass over the data: the complex64 array is read as interleaved float32 (re, im)
-    and reduced over coils with ``einsum`` (1.0 ms for 32 x 256 x 256 instead of 4.7 ms
-    with ``abs(x) ** 2``, which makes four temporaries).
+    and reduced over coils with ``einsum``, then re and im squares are added with two strided
+    views (0.6 ms for 32 x 256 x 256 instead of 4.7 ms with ``abs(x) ** 2``, which makes four
+    temporaries, and 1.3 ms with a ``reshape(..., 2).sum(-1)``, a reduction over length-2 rows).
     """
     xp = get_array_module(images)
     x = xp.ascontiguousarray(images, dtype=np.complex64)
     v = x.view(np.float32)  # (coils, ..., 2 * nx)
     sq = xp.einsum("c...,c...->...", v, v)
-    sq = sq.reshape(sq.shape[:-1] + (-1, 2)).sum(axis=-1)
-    return xp.sqrt(sq)[np.newaxis]
+    sq = sq[..., 0::2] + sq[..., 1::2]
+    return xp.sqrt(sq, out=sq)[np.newaxis]
 
 
 def walsh_weights(images: np.ndarray, kernel_size: int, iterations: int = _POWER_ITERATIONS) -> np.ndarray:
@@ -91,10 +92,14 @@ class CoilCombine(PureGadget):
     single source ``x_c = s * c_c`` both give ``|s| * ||c||``; with noise Walsh keeps the
     SNR-optimal weighting and avoids RSS's noise bias at low SNR.
 
-    An input that already has one coil passes through unchanged.
+    An input that already has one coil passes through unchanged (e.g. after
+    :class:`~gadgets.fft_recon.FFTRecon` ``coil_combine: rss``, which fuses the RSS into the
+    transform).
 
     Raises:
-        ValueError: ``data`` is not 4-D ``(coils, z, y, x)``.
+        ValueError: ``data`` is not 4-D ``(coils, z, y, x)``, or ``walsh`` is asked for an
+            image that an earlier stage already combined by RSS (set that stage's
+            ``coil_combine: none``).
     """
 
     class Params(GadgetParams):
@@ -111,6 +116,11 @@ class CoilCombine(PureGadget):
         if x.ndim != 4:
             raise ValueError(f"CoilCombine: image data must be (coils, z, y, x), got shape {x.shape}")
         if x.shape[0] == 1:
+            if self.params.method == "walsh" and "RSS" in item.history:
+                raise ValueError(
+                    "CoilCombine: method walsh, but the coils were already combined by RSS (history "
+                    f"{item.history}); set FFTRecon coil_combine: none"
+                )
             return item
         if self.params.method == "rss":
             out = rss(x)

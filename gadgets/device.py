@@ -43,6 +43,7 @@ class ToDevice(PureGadget):
 
     accepts: ClassVar[tuple[type, ...]] = (ReconBuffer, ImageBuffer)
     emits: ClassVar[tuple[type, ...]] = (ReconBuffer, ImageBuffer)
+    accepts_hybrid: ClassVar[bool] = True  # moves arrays, whatever their domain
 
     def __init__(self, context, params=None):
         super().__init__(context, params)
@@ -64,6 +65,7 @@ class ToHost(PureGadget):
 
     accepts: ClassVar[tuple[type, ...]] = (ReconBuffer, ImageBuffer)
     emits: ClassVar[tuple[type, ...]] = (ReconBuffer, ImageBuffer)
+    accepts_hybrid: ClassVar[bool] = True
 
     def apply(self, item):
         return _move(item, _ARRAY_FIELDS[type(item)], to_host)

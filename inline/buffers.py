@@ -9,17 +9,41 @@ defined once):
 
 Lengths inside the runtime are SI [m] unless a name says otherwise: ``*_mm`` fields keep
 the ISMRMRD header's millimetres because they are copied straight into image headers.
+
+Domains. Readouts and k-space buffers are in k-space (:data:`KSPACE`) unless marked
+:data:`HYBRID`: the readout axis already inverse-Fourier-transformed to image space
+(``x``, centred, orthonormal, as :func:`gadgets.fft_recon.centred_ifft` does) while ky and kz
+are still k-space, i.e. ``(coils, kz, ky, x)``. :class:`~gadgets.oversampling.RemoveReadoutOversampling`
+produces it (``output_domain: hybrid``) because it transforms every readout anyway, so the
+reconstruction after the last readout only has the ky (and kz) transform left (Gadgetron's
+readout-oversampling gadget and BART's ``fft`` bitmasks allow the same split). The domain
+travels as the ``domain`` attribute of the message (:func:`domain_of`). Only a gadget that
+declares ``accepts_hybrid = True`` may receive hybrid data: the chain config is refused
+otherwise (:func:`inline.config.validate_chain`) and the engine refuses such a message at run
+time, so a k-space gadget (GRAPPA, SENSE, CS, partial Fourier, EPI, ...) never silently gets it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
 from inline.backend import get_array_module
+
+
+#: Data in k-space along every encoded axis (the default).
+KSPACE = "kspace"
+#: Readout axis in image space, ky/kz in k-space (see the module docstring).
+HYBRID = "hybrid"
+Domain = Literal["kspace", "hybrid"]
+
+
+def domain_of(item: Any) -> str:
+    """The domain of a readout or buffer: its ``domain`` attribute, :data:`KSPACE` when it has none."""
+    return getattr(item, "domain", KSPACE)
 
 
 class AcquisitionIndex(NamedTuple):
@@ -107,6 +131,8 @@ class ReconBuffer:
         meta: extra MRD image meta, ``{key: str or list of str}``, set by a gadget for the
             image(s) made from this buffer (e.g. ``InlineReconMethod``); FFTRecon and
             CoilCombine carry it on, ImageFinish writes it. Empty by default.
+        domain: :data:`KSPACE`, or :data:`HYBRID` when the readout axis of ``data`` (and of
+            ``reference``) is already in image space: ``(coils, kz, ky, x)``.
     """
 
     data: np.ndarray
@@ -119,6 +145,7 @@ class ReconBuffer:
     reference_sampled: np.ndarray | None = None
     history: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    domain: Domain = KSPACE
 
     def completed(self, data, step: str | list[str], meta: dict[str, Any] | None = None) -> "ReconBuffer":
         """This buffer with ``data`` (``(coils, kz, ky, kx)``, every line filled) as a fully

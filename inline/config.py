@@ -165,7 +165,38 @@ def validate_chain(spec: ChainSpec) -> list[Stage]:
         except ValidationError as e:
             raise ConfigError(f"{where} ({cls.__name__}): {_format_errors(e, cls.Params)}") from e
         stages.append(Stage(g.name, cls, params, g.budget_ms))
+    check_domains(stages, spec.name)
     return stages
+
+
+def check_domains(stages: list[Stage], chain: str = "") -> None:
+    """Refuse a chain that would feed hybrid-space data (:mod:`inline.buffers`) to a gadget that
+    needs k-space.
+
+    A stage whose class has ``emits_hybrid(params)`` true (``RemoveReadoutOversampling``
+    with ``output_domain: hybrid``) may only be followed by stages that either take no readouts
+    or buffers (``ismrmrd.Acquisition``, ``ReconBuffer``) or declare ``accepts_hybrid = True``.
+
+    Raises:
+        ConfigError: naming the hybrid stage, the stage that needs k-space, and the fix.
+    """
+    import ismrmrd
+
+    from inline.buffers import ReconBuffer
+
+    source = None
+    for i, st in enumerate(stages, 1):
+        if source is not None and not getattr(st.cls, "accepts_hybrid", False):
+            takes = [t.__name__ for t in st.cls.accepts if issubclass(t, (ismrmrd.Acquisition, ReconBuffer))]
+            if takes:
+                raise ConfigError(
+                    f"config {chain!r}, gadget #{i} {st.name!r} ({st.cls.__name__}) needs k-space {'/'.join(takes)} but "
+                    f"{source!r} emits hybrid-space data (readout already transformed); set {source}.output_domain: kspace "
+                    f"or move {st.name!r} before {source!r}"
+                )
+        emits_hybrid = getattr(st.cls, "emits_hybrid", None)
+        if emits_hybrid is not None and emits_hybrid(st.params):
+            source = st.name
 
 
 def apply_overrides(spec: ChainSpec, overrides: dict[str, Any]) -> tuple[ChainSpec, list[str]]:

@@ -48,12 +48,21 @@ an error (Gadgetron throws; :func:`answer_query` raises :class:`UnknownQuery`).
 Reading
 -------
 :class:`MessageReader` reads straight from a socket (``recv_into``) or a binary file
-(``readinto``). Small fields (ids, lengths, fixed headers) come through a small read-ahead
-buffer, so one system call usually yields a message id, its header and the start of its
-payload; large payloads are received directly into freshly allocated NumPy arrays that
-become the message's arrays (no second copy). Every length field is checked against
-``max_message_bytes`` before anything is allocated. A peer that goes away mid-message or
-stalls past ``idle_timeout_s`` raises :class:`TruncatedMessage`; the reader never spins.
+(``readinto``) through a 1 MiB read-ahead buffer, so one system call brings whatever the peer
+has sent, usually several messages; each payload is copied from there into a freshly
+allocated NumPy array that becomes the message's array. Payloads larger than half the
+read-ahead are received directly into their arrays, together with what follows them
+(``recvmsg_into`` into the array and the read-ahead). Why copy: on loopback most of a
+receiver's CPU is kernel TCP work per call (acknowledgements that run the sender's side),
+which fewer, larger reads save. Measured on this 2-core VM (receiver CPU per message, median of
+3-4 interleaved runs): 32 coils x 512 samples, machine busy with other work: 25 us through the
+read-ahead against 47 us receiving each payload directly after a 16 KiB read-ahead (bare
+``recv_into`` loop into 1 MiB: 22 us); quiet machine: 19-23 us against 19-20 us (bare loop
+16-17 us, ``ismrmrd``'s ProtocolDeserializer 25-26 us). 8 x 512: 5.7 us against 8.7 us
+(bare loop 3.3 us); 4 x 128: 3.0 us against 4.4 us (bare loop 0.9 us, ismrmrd 10 us). Every
+length field is checked against ``max_message_bytes`` before anything is allocated. A peer that
+goes away mid-message or stalls past ``idle_timeout_s`` raises :class:`TruncatedMessage`; the
+reader never spins.
 """
 
 from __future__ import annotations
@@ -431,8 +440,8 @@ class MessageReader:
             message boundary it raises :class:`IdleTimeout` (recoverable), mid-message
             :class:`TruncatedMessage`. Ignored for files (a socket file's own timeout is
             reported the same way, but is not recoverable). None waits forever.
-        readahead_bytes: size of the read-ahead buffer for small fields and small
-            payloads. Payloads larger than half of it are received directly into their arrays.
+        readahead_bytes: size of the read-ahead buffer [bytes] (1 MiB: see the module
+            docstring). Payloads larger than half of it are received directly into their arrays.
 
     One reader per stream, used from one thread.
 
@@ -448,7 +457,7 @@ class MessageReader:
         *,
         max_message_bytes: int = 512 * 2**20,
         idle_timeout_s: float | None = None,
-        readahead_bytes: int = 16 * 1024,
+        readahead_bytes: int = 1 << 20,
     ):
         if readahead_bytes < 2 * _CONFIG_FILE_BYTES:
             raise ValueError(f"readahead_bytes must be at least {2 * _CONFIG_FILE_BYTES}")
@@ -467,11 +476,19 @@ class MessageReader:
         self._msg_id: MessageId | None = None
 
         self._is_socket = isinstance(source, socket.socket)
+        self._scatter: Callable[[list[memoryview]], int] | None = None
         if self._is_socket:
             if idle_timeout_s is not None:
                 source.settimeout(idle_timeout_s)
             self._recv_some = source.recv_into
             self._recv_all = self._make_waitall(source)
+            if hasattr(source, "recvmsg_into"):
+                recvmsg_into = source.recvmsg_into
+
+                def scatter(views: list[memoryview]) -> int:
+                    return recvmsg_into(views)[0]
+
+                self._scatter = scatter
         elif hasattr(source, "readinto"):
             self._recv_some = getattr(source, "readinto1", None) or source.readinto
             self._recv_all = source.readinto
@@ -589,7 +606,7 @@ class MessageReader:
         name = f"{self._msg_id.name} ({self._msg_id.value}) " if self._msg_id is not None else ""
         return f"in {name}message #{self.messages_received + 1} at byte offset {self._msg_offset}"
 
-    def _recv(self, fn: Callable[[memoryview], int | None], mv: memoryview, what: str, needed: int, got: int) -> int:
+    def _recv(self, fn: Callable[[Any], int | None], mv: Any, what: str, needed: int, got: int) -> int:
         try:
             n = fn(mv)
         except TimeoutError as e:
@@ -652,6 +669,16 @@ class MessageReader:
             dest[pos:] = self._mv[: n - pos]
             self._start = n - pos
             return
+        if self._scatter is not None:
+            # One system call for the rest of the payload and, when the peer is ahead (a
+            # streaming scanner), the start of what follows into the empty read-ahead: the next
+            # message's id and header cost no call of their own. Without MSG_WAITALL, so it never
+            # waits for bytes that may not come; a short read is completed below.
+            got = self._recv(self._scatter, [dest[pos:], self._mv], what, n, pos)
+            if got > n - pos:
+                self._end = got - (n - pos)
+                return
+            pos += got
         recv_all = self._recv_all
         while pos < n:
             pos += self._recv(recv_all, dest[pos:], what, n, pos)

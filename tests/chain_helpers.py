@@ -24,6 +24,7 @@ import ismrmrd.xsd
 import numpy as np
 import yaml
 
+from inline.engine import _check_domain as check_domain
 from inline.gadget import Gadget, SessionContext
 from inline.registry import lookup
 from inline.trace import Trace
@@ -45,6 +46,7 @@ def run_chain(gadgets: Sequence[Gadget], messages: Iterable[Any]) -> list[tuple[
             return
         g = gadgets[stage]
         if isinstance(item, g.accepts):
+            check_domain(g, item)  # as the engine: no hybrid-space data for a k-space gadget
             for o, t in g.process(item, trace):
                 push(stage + 1, o, t)
         else:
@@ -87,15 +89,27 @@ def build_chain(header: Any, config: Path = DEFAULT_CONFIG, overrides: dict[str,
 TO_BUFFERS = ("noise", "oversampling", "accumulate")
 
 
-def build_stages(header: Any, names: Sequence[str] = TO_BUFFERS, config: Path = DEFAULT_CONFIG) -> list[Gadget]:
-    """The named stages of a chain config, in chain order."""
+#: ``build_stages`` overrides for k-space buffers (the default chain keeps readouts in hybrid space).
+KSPACE_BUFFERS = {"oversampling": {"output_domain": "kspace"}}
+
+
+def build_stages(
+    header: Any, names: Sequence[str] = TO_BUFFERS, config: Path = DEFAULT_CONFIG, overrides: dict[str, dict] | None = None
+) -> list[Gadget]:
+    """The named stages of a chain config, in chain order; ``overrides`` maps a stage name to
+    parameter updates (e.g. :data:`KSPACE_BUFFERS` to feed a gadget that needs k-space)."""
     spec = yaml.safe_load(config.read_text())
     keep = {st["name"] for st in spec["gadgets"] if st["name"] in names}
     missing = set(names) - keep
     if missing:
         raise KeyError(f"{config.name} has no stages {sorted(missing)}")
     ctx = context(header)
-    return [lookup(st["class"])(ctx, lookup(st["class"]).Params(**(st.get("parameters") or {}))) for st in spec["gadgets"] if st["name"] in keep]
+    overrides = overrides or {}
+    return [
+        lookup(st["class"])(ctx, lookup(st["class"]).Params(**{**(st.get("parameters") or {}), **overrides.get(st["name"], {})}))
+        for st in spec["gadgets"]
+        if st["name"] in keep
+    ]
 
 
 def read_mrd(path: Path) -> tuple[Any, list[ismrmrd.Acquisition]]:

@@ -177,3 +177,33 @@ def test_a_tap_never_delays_the_data_path():
     findings = [i for i, _ in seen if isinstance(i, str)]
     assert findings == ["odd 1", "odd 3", "odd 5", "inspected"]  # all findings, after close
     assert len(runner.times[0].durations_ns) == 7 and min(runner.times[0].durations_ns[:6]) >= 0.05e9
+
+
+def test_hybrid_data_never_reach_a_kspace_gadget():
+    """Even past the config check (a hand-built chain), the engine refuses a hybrid-space message
+    for a gadget that does not declare accepts_hybrid, and passes it to one that does."""
+    from dataclasses import dataclass
+
+    from inline.engine import DomainError
+
+    @dataclass
+    class Buf:
+        value: int
+        domain: str = "hybrid"
+
+    class NeedsKspace(PureGadget):
+        accepts = (Buf,)
+
+        def apply(self, item):
+            return item
+
+    class TakesHybrid(NeedsKspace):
+        accepts_hybrid = True
+
+    out, _ = run([Stage("h", TakesHybrid, GadgetParams())], [Buf(1)])
+    assert [o.value for o, _ in out] == [1]
+    with pytest.raises(GadgetError, match="needs k-space but got a Buf in hybrid space") as e:
+        run([Stage("k", NeedsKspace, GadgetParams())], [Buf(1)])
+    assert isinstance(e.value.__cause__, DomainError)
+    out, _ = run([Stage("k", NeedsKspace, GadgetParams())], [Buf(2, "kspace")])
+    assert [o.value for o, _ in out] == [2]

@@ -64,3 +64,18 @@ def test_parameters_declared_with_an_alias_override_by_alias():
     assert unused == []
     stage = next(s for s in validate_chain(new) if s.name == next(g.name for g in new.gadgets if g.class_ == "CompressedSensing"))
     assert stage.params.lam == 0.01
+
+
+def test_hybrid_readouts_only_reach_gadgets_that_accept_them():
+    """RemoveReadoutOversampling output_domain hybrid before a gadget that needs k-space (GRAPPA)
+    is refused at configuration, naming both stages and the fix; the default chain is hybrid."""
+    from inline.config import load_chain
+
+    grappa = load_chain("grappa")
+    spec, _ = apply_overrides(grappa, {"oversampling.output_domain": "hybrid"})
+    with pytest.raises(ConfigError, match=r"'grappa' \(GRAPPA\) needs k-space ReconBuffer but 'oversampling' emits hybrid"):
+        validate_chain(spec)
+    validate_chain(grappa)  # k-space readouts: fine
+    stages = validate_chain(load_chain("default"))
+    (over,) = [s for s in stages if s.name == "oversampling"]
+    assert over.params.output_domain == "hybrid"

@@ -22,7 +22,7 @@ from pathlib import Path
 import ismrmrd
 import numpy as np
 import pytest
-from chain_helpers import REPO, build_chain, build_stages, centred_ifft, context, payloads, read_mrd, run_chain
+from chain_helpers import KSPACE_BUFFERS, REPO, build_chain, build_stages, centred_ifft, context, payloads, read_mrd, run_chain
 
 from gadgets.grappa import GRAPPA
 from inline.bart import bart, image_from_bart, kspace_to_bart, read_cfl, write_cfl
@@ -53,7 +53,7 @@ def full(tmp_path_factory):
     subprocess.run([GENERATOR, "-m", str(MATRIX), "-c", str(COILS), "-C", "-o", "full.h5"], cwd=tmp, check=True,
                    capture_output=True, timeout=60)
     header, acqs = read_mrd(tmp / "full.h5")
-    (buf,) = payloads(run_chain(build_stages(header), acqs), ReconBuffer)
+    (buf,) = payloads(run_chain(build_stages(header, overrides=KSPACE_BUFFERS), acqs), ReconBuffer)
     return tmp, header, buf
 
 

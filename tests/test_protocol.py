@@ -233,6 +233,25 @@ def test_large_acquisitions_bigger_than_readahead_over_socket(rng):
         assert got[2 * i][1].data.flags.c_contiguous and got[2 * i][1].data.flags.writeable
 
 
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("readahead", [None, 8192, 300_000])
+def test_streams_crossing_the_readahead_in_every_way_over_socket(rng, readahead):
+    """Scanner-sized readouts (32 x 512, 131 kB) and small ones mixed, with the default 1 MiB
+    read-ahead (payloads copied out of it, messages straddling its end) and smaller ones
+    (payloads above half of it received directly, with what follows in the same call)."""
+    sizes = [(32, 512), (4, 128), (32, 512), (2, 3000), (32, 512), (1, 1)] * 8
+    acqs = [make_acquisition(rng, channels=c, samples=n, scan_counter=i) for i, (c, n) in enumerate(sizes)]
+    sent = [*acqs, Text("end"), CLOSE]
+    kw = {} if readahead is None else {"readahead_bytes": readahead}
+    got, reader = socket_roundtrip(sent, **kw)
+    assert len(got) == len(sent)
+    for g, a in zip(got, acqs):
+        assert_same_acquisition(g[1], a)
+        assert g[1].data.flags.c_contiguous and g[1].data.flags.writeable and g[1].data.flags.aligned
+    assert got[-2] == (MessageId.TEXT, "end") and got[-1][0] is MessageId.CLOSE
+    assert reader.bytes_received == len(write_bytes(sent))
+
+
 def test_received_acquisition_behaves_like_a_constructed_one(rng):
     import inline.protocol as protocol
 

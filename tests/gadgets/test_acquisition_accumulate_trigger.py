@@ -217,3 +217,35 @@ def test_bad_lines_raise():
         run_chain([gadget()], [make_acq(np.ones((COILS, NX)), ky=0), make_acq(np.ones((COILS + 1, NX)), ky=1)])
     with pytest.raises(ValueError):
         AcquisitionAccumulateTrigger.Params(trigger="segment")
+
+
+def test_hybrid_lines_make_a_hybrid_buffer_and_other_lines_are_converted():
+    """A buffer takes its first line's domain; a k-space line (here IS_REVERSE, flipped in k-space
+    first) joining a hybrid buffer is transformed along the readout, and vice versa."""
+    from chain_helpers import centred_fft, centred_ifft
+
+    from inline.buffers import HYBRID, KSPACE
+
+    rng = np.random.default_rng(4)
+    k = random_kspace(rng)
+    hybrid = centred_ifft(k, axes=(-1,)).astype(np.complex64)
+
+    def acqs(first_hybrid: bool):
+        out = []
+        for y in range(NY):
+            reverse = y % 4 == 3
+            if (y == 0) == first_hybrid and not reverse:
+                a = make_acq(hybrid[:, 0, y], ky=y)
+                a.domain = HYBRID
+            else:
+                a = make_acq(k[:, 0, y, ::-1] if reverse else k[:, 0, y], ky=y, flags=[ismrmrd.ACQ_IS_REVERSE] if reverse else [])
+            out.append(a)
+        return out
+
+    (buf,) = payloads(run_chain([gadget()], acqs(first_hybrid=True)))
+    assert buf.domain == HYBRID
+    np.testing.assert_allclose(buf.data, hybrid, atol=1e-5)
+    (buf,) = payloads(run_chain([gadget()], acqs(first_hybrid=False)))
+    assert buf.domain == KSPACE
+    np.testing.assert_allclose(buf.data, k, atol=1e-5)
+    np.testing.assert_allclose(centred_fft(hybrid, axes=(-1,)), k, atol=1e-5)

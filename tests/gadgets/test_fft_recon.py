@@ -161,3 +161,71 @@ def test_centred_ifft_equals_shifted_transform(shape):
     assert out.dtype == np.complex64
     np.testing.assert_allclose(out, ref, atol=2e-6)
     np.testing.assert_array_equal(k, keep)  # input untouched
+
+
+def hybrid(buf: ReconBuffer) -> ReconBuffer:
+    """The same buffer with its readout transformed (what the hybrid accumulation delivers)."""
+    return ReconBuffer(**{**buf.__dict__, "data": centred_ifft(buf.data, axes=(-1,)).astype(np.complex64), "domain": "hybrid"})
+
+
+@pytest.mark.parametrize(
+    "encoded, recon, center",
+    [
+        ((64, 48, 1), None, None),  # plain 2D
+        ((64, 48, 1), (48, 32, 1), None),  # recon matrix smaller: image crop
+        ((32, 16, 8), None, None),  # 3D: ky and kz transformed
+        ((64, 48, 1), None, 40),  # asymmetric echo: back to k-space along x first
+    ],
+)
+@pytest.mark.parametrize("combine", ["none", "rss"])
+def test_hybrid_buffers_give_the_kspace_result(encoded, recon, center, combine):
+    """A hybrid buffer (readout already in image space) reconstructs to the same image as its
+    k-space buffer, with the coils combined or not."""
+    rng = np.random.default_rng(11)
+    nx, ny, nz = encoded
+    header = make_header(encoded=encoded, encoded_fov=(240.0, 180.0, 80.0 if nz > 1 else 5.0), recon=recon)
+    k = rng.standard_normal((3, nz, ny, nx)) + 1j * rng.standard_normal((3, nz, ny, nx))
+    buf = buffer(k, header, center=center)
+    params = FFTRecon.Params(fft_workers=1, coil_combine=combine)
+    want = FFTRecon(context(header), params).apply(buf)
+    got = FFTRecon(context(header), params).apply(hybrid(buf))
+    assert got.data.shape == want.data.shape and got.data.dtype == want.data.dtype
+    assert got.history == want.history == ["ACC", "FFT"] + (["RSS"] if combine == "rss" else [])
+    np.testing.assert_allclose(got.data, want.data, atol=2e-5 * np.abs(want.data).max())
+
+
+@pytest.mark.parametrize("shape", [(32, 1, 256, 256), (5, 1, 7, 10), (3, 6, 10, 14), (3, 5, 6, 8)])
+@pytest.mark.parametrize("workers", [1, -1])
+def test_fused_rss_equals_rss_of_the_centred_transform(shape, workers):
+    """rss_ifft (no shift passes, coils in chunks, helper threads) equals rss(centred_ifft(k)) for
+    even and odd sizes, 2D and 3D, k-space and hybrid (ky/kz only) transforms."""
+    from gadgets.coil_combine import rss
+    from gadgets.fft_recon import rss_ifft
+
+    rng = np.random.default_rng(sum(shape))
+    k = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+    for axes in ((2,), (2, 3)) if shape[1] == 1 else ((1, 2), (1, 2, 3)):
+        want = rss(centred_ifft(k, axes))
+        got = rss_ifft(k, axes, workers)
+        assert got.shape == (1,) + shape[1:] and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6 * want.max())
+    with pytest.raises(ValueError, match="coil axis"):
+        rss_ifft(k, (0, 2))
+
+
+def test_rss_chain_equals_separate_combination():
+    """FFTRecon coil_combine rss, then CoilCombine rss passing it on, equals FFT then CoilCombine."""
+    from gadgets.coil_combine import CoilCombine
+
+    rng = np.random.default_rng(2)
+    header = make_header(encoded=(64, 48, 1), encoded_fov=(240.0, 180.0, 5.0))
+    buf = buffer(rng.standard_normal((4, 1, 48, 64)) + 1j * rng.standard_normal((4, 1, 48, 64)), header)
+    combine = CoilCombine(context(header))
+    separate = combine.apply(recon(buf, header))
+    fused = FFTRecon(context(header), FFTRecon.Params(coil_combine="rss")).apply(buf)
+    assert combine.apply(fused) is fused
+    np.testing.assert_allclose(fused.data, separate.data, rtol=1e-5, atol=1e-6 * separate.data.max())
+    assert fused.history == separate.history == ["ACC", "FFT", "RSS"]
+    walsh = CoilCombine(context(header), CoilCombine.Params(method="walsh"))
+    with pytest.raises(ValueError, match="coil_combine: none"):
+        walsh.apply(fused)

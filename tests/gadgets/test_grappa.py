@@ -14,7 +14,7 @@ from functools import cache
 
 import numpy as np
 import pytest
-from chain_helpers import build_stages, centred_fft, centred_ifft, context, make_header, payloads, run_chain
+from chain_helpers import KSPACE_BUFFERS, build_stages, centred_fft, centred_ifft, context, make_header, payloads, run_chain
 
 from gadgets.grappa import GRAPPA, GrappaError, apply_hybrid, apply_image, calibrate, find_lattice
 from inline.buffers import AcquisitionIndex, EncodingInfo, ReconBuffer
@@ -30,7 +30,7 @@ def buffers(acceleration: int, repetitions: int = 1, snr: float = math.inf):
         matrix=M, coils=C, slices=1, acceleration=acceleration, acs_lines=24, repetitions=repetitions, seed=1, snr=snr
     )
     header = scan.header
-    return header, payloads(run_chain(build_stages(header), scan.acquisitions), ReconBuffer)
+    return header, payloads(run_chain(build_stages(header, overrides=KSPACE_BUFFERS), scan.acquisitions), ReconBuffer)
 
 
 def rss(k: np.ndarray) -> np.ndarray:

@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from chain_helpers import build_stages, centred_fft, centred_ifft, context, make_header, payloads, run_chain
+from chain_helpers import KSPACE_BUFFERS, build_stages, centred_fft, centred_ifft, context, make_header, payloads, run_chain
 
 from gadgets.partial_fourier import PartialFourier
 from inline.buffers import AcquisitionIndex, EncodingInfo, ReconBuffer
@@ -46,7 +46,7 @@ def simulated():
 
     scan = simulate_scan(matrix=128, slices=1, coils=8, snr=80, noise_samples=0, seed=3)
     header = scan.header
-    chain = build_stages(header)  # noise, oversampling, accumulate
+    chain = build_stages(header, overrides=KSPACE_BUFFERS)  # noise, oversampling, accumulate (k-space)
     (buf,) = payloads(run_chain(chain, scan.acquisitions), ReconBuffer)
     return buf, header
 

@@ -72,3 +72,41 @@ def test_ratio_from_fov_not_matrix():
 def test_params_reject_factor_below_one():
     with pytest.raises(ValueError):
         RemoveReadoutOversampling.Params(oversampling_factor=0.5)
+
+
+@pytest.mark.parametrize("header", [OS_HEADER, {"encoded": (128, 64, 1), "encoded_fov": (300.0, 300.0, 5.0)}])
+def test_hybrid_output_is_the_image_space_crop_of_the_kspace_output(header):
+    """output_domain hybrid: the readout leaves transformed along x, the centred inverse FFT of what
+    the k-space output would be (also without oversampling), marked as hybrid."""
+    from inline.buffers import HYBRID, KSPACE, domain_of
+
+    rng = np.random.default_rng(5)
+    n = header["encoded"][0]
+    data = (rng.standard_normal((4, n)) + 1j * rng.standard_normal((4, n))).astype(np.complex64)
+    acq = make_acq(data, center=n // 2, ky=7)
+    ctx = context(make_header(**header))
+    kspace = RemoveReadoutOversampling(ctx).apply(acq)
+    hybrid = RemoveReadoutOversampling(ctx, RemoveReadoutOversampling.Params(output_domain="hybrid")).apply(acq)
+    assert domain_of(kspace) == KSPACE and domain_of(hybrid) == HYBRID and domain_of(acq) == KSPACE
+    assert hybrid.data.dtype == np.complex64 and hybrid.data.shape == kspace.data.shape
+    assert hybrid.center_sample == kspace.center_sample == hybrid.number_of_samples // 2
+    assert hybrid.idx.kspace_encode_step_1 == 7
+    np.testing.assert_allclose(hybrid.data, centred_ifft(kspace.data, axes=(-1,)), atol=2e-5)
+
+
+def test_hybrid_output_keeps_kspace_for_readouts_it_cannot_transform():
+    """Asymmetric echo, discarded samples and IS_REVERSE lines stay in k-space (the accumulator
+    brings them to the buffer's domain); noise is untouched."""
+    from inline.buffers import KSPACE, domain_of
+
+    gadget = RemoveReadoutOversampling(context(make_header(**OS_HEADER)), RemoveReadoutOversampling.Params(output_domain="hybrid"))
+    assert RemoveReadoutOversampling.emits_hybrid(gadget.params)
+    assert not RemoveReadoutOversampling.emits_hybrid(RemoveReadoutOversampling.Params())
+    asymmetric = make_acq(np.ones((2, 200)), center=70)
+    discards = make_acq(np.ones((2, 256)))
+    discards.discard_pre = 4
+    reverse = make_acq(np.ones((2, 256)), flags=[ismrmrd.ACQ_IS_REVERSE])
+    for acq in (asymmetric, discards, reverse):
+        assert domain_of(gadget.apply(acq)) == KSPACE
+    noise = make_acq(np.ones((2, 256)), flags=[ismrmrd.ACQ_IS_NOISE_MEASUREMENT], center=0)
+    assert gadget.apply(noise) is noise
