@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from inline.buffers import KSPACE
+from inline.buffers import KSPACE, domain_of
 from inline.config import Stage
 from inline.gadget import Gadget, SessionContext
 from inline.trace import Trace
@@ -50,10 +50,10 @@ class DomainError(ValueError):
     """A gadget that needs k-space was handed hybrid-space data (see :mod:`inline.buffers`)."""
 
 
-def _check_domain(gadget: Gadget, item: Any) -> None:
+def check_domain(gadget: Gadget, item: Any) -> None:
     """Refuse hybrid-space data for a gadget that does not declare ``accepts_hybrid`` (the config
     check, :func:`inline.config.check_domains`, normally stops such a chain before it runs)."""
-    domain = getattr(item, "domain", KSPACE)
+    domain = domain_of(item)
     if domain != KSPACE and not getattr(gadget, "accepts_hybrid", False):
         raise DomainError(
             f"{type(gadget).__name__} needs k-space but got a {type(item).__name__} in {domain} space; "
@@ -267,7 +267,7 @@ class ChainRunner:
                         self._check_budget(index, self._run(index, gadget.close()), t0)
                         return
                     item, trace = msg
-                    _check_domain(gadget, item)
+                    check_domain(gadget, item)
                     t0 = time.perf_counter_ns()
                     self._check_budget(index, self._run(index, gadget.process(item, trace), skip=item), t0, type(item).__name__)
                     if self._abort.is_set():
@@ -305,7 +305,7 @@ class ChainRunner:
                 if not isinstance(item, gadget.accepts):
                     self._emit(index, item, trace)
                     continue
-                _check_domain(gadget, item)
+                check_domain(gadget, item)
                 t0 = time.perf_counter_ns()
                 self._check_budget(index, self._run(index, gadget.process(item, trace)), t0, type(item).__name__)
         except Exception as e:

@@ -24,7 +24,7 @@ import ismrmrd.xsd
 import numpy as np
 import yaml
 
-from inline.engine import _check_domain as check_domain
+from inline.engine import check_domain
 from inline.gadget import Gadget, SessionContext
 from inline.registry import lookup
 from inline.trace import Trace

@@ -89,10 +89,11 @@ def test_gadget_failure_is_reported_with_stage_name_and_stops_workers():
             runner.put(k, Trace(k, k))
             time.sleep(0.001)
         runner.close(timeout_s=5)
-    assert len(errors) == 1 and isinstance(errors[0].__cause__, ValueError)
+    # the caller sees the error as soon as the worker records it; on_error runs just after, on the worker
     for t in runner._threads:
         t.join(2)
         assert not t.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0].__cause__, ValueError)
 
 
 def test_backpressure_bounds_queues():
