@@ -9,6 +9,7 @@ buffer). Triggering here follows the ISMRMRD LAST_IN_* flags rather than Gadgetr
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -19,7 +20,17 @@ from pydantic import Field
 
 from gadgets._common import NON_IMAGING_MASK, copy_header, readout_placement
 from gadgets.fft_recon import centred_fft, centred_ifft
-from inline.buffers import HYBRID, KSPACE, AcquisitionIndex, EncodingInfo, ReconBuffer, domain_of
+from inline.buffers import (
+    HYBRID,
+    KSPACE,
+    AcquisitionIndex,
+    EarlyReference,
+    EarlySnapshot,
+    EncodingInfo,
+    LinesSince,
+    ReconBuffer,
+    domain_of,
+)
 from inline.gadget import AccumulatingGadget, GadgetParams, Output
 from inline.registry import register
 from inline.trace import Trace
@@ -39,6 +50,7 @@ _TRIGGER_FLAG: dict[str, int | None] = {
 
 _CAL = 1 << (ismrmrd.ACQ_IS_PARALLEL_CALIBRATION - 1)
 _CAL_AND_IMAGING = 1 << (ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING - 1)
+_SNAPSHOT_TOKENS = itertools.count(1)
 
 
 @dataclass
@@ -49,6 +61,46 @@ class _Grid:
     counts: np.ndarray  # (kz, ky) int32
     center_sample: int
     domain: str = KSPACE  # of the first line; later lines are brought to it
+    distinct: int = 0  # lines sampled at least once
+    box: list[int] = field(default_factory=lambda: [1 << 30, -1, 1 << 30, -1])  # kz min/max, ky min/max so far
+    # early snapshot (see AcquisitionAccumulateTrigger.early_lines)
+    token: int | None = None
+    changed: list[tuple[int, int]] = field(default_factory=list)  # (kz, ky) written after it
+    resampled: bool = False
+    lent: EarlySnapshot | None = None  # a snapshot that may still read ``sums``
+    held: list[tuple[int, int, np.ndarray]] = field(default_factory=list)  # lines kept aside meanwhile
+
+    def write(self, z: int, y: int, line: np.ndarray) -> None:
+        """Add a ``(coils, kx)`` line at ``(z, y)``; held aside while a snapshot still reads ``sums``."""
+        first = self.counts[z, y] == 0
+        if self.token is not None:
+            self.changed.append((z, y))
+            self.resampled |= not first
+        if self.lent is not None and not self.lent.released.is_set():
+            self.held.append((z, y, np.array(line, np.complex64)))
+        else:
+            self.settle()
+            self.sums[:, z, y, :] += line
+        self.counts[z, y] += 1
+        self.distinct += int(first)
+        b = self.box
+        b[0], b[1], b[2], b[3] = min(b[0], z), max(b[1], z), min(b[2], y), max(b[3], y)
+
+    def inside(self, z: int, y: int) -> bool:
+        """Whether ``(z, y)`` lies in the bounding box of the lines written so far."""
+        b = self.box
+        return b[0] <= z <= b[1] and b[2] <= y <= b[3]
+
+    def settle(self) -> None:
+        """Take ``sums`` back from the snapshot (withdrawn if nobody has started reading it, copied
+        if it is being read) and write the held lines."""
+        if self.lent is not None:
+            if not self.lent.revoke():
+                self.sums = self.sums.copy()
+            self.lent = None
+        for z, y, line in self.held:
+            self.sums[:, z, y, :] += line
+        self.held.clear()
 
     def average(self) -> tuple[np.ndarray, np.ndarray]:
         sampled = self.counts > 0
@@ -77,6 +129,24 @@ class _Pending:
     header: ismrmrd.AcquisitionHeader | None = None
     header_distance: int = 1 << 30
     traces: list[Trace] = field(default_factory=list)
+    reference_sent: bool = False
+
+    def buffer(self, data: np.ndarray, sampled: np.ndarray, grid: _Grid, head: ismrmrd.AcquisitionHeader) -> ReconBuffer:
+        """A buffer of this index holding ``data`` with ``head`` rewritten to describe its kx axis."""
+        nx = data.shape[-1]
+        n_full, _ = readout_placement(nx, grid.center_sample)
+        head.number_of_samples = nx
+        head.center_sample = max(grid.center_sample, 0)
+        head.discard_pre = head.discard_post = 0
+        return ReconBuffer(
+            data=data,
+            sampled=sampled,
+            index=self.index,
+            encoding=self.encoding,
+            header=head,
+            readout_fov_mm=self.encoding.encoded_fov_mm[0] * n_full / self.encoding.encoded_matrix[0],
+            domain=grid.domain,
+        )
 
 
 @register
@@ -118,6 +188,26 @@ class AcquisitionAccumulateTrigger(AccumulatingGadget):
     where ``n_full`` is the symmetric readout length the samples belong to (the sample count
     for a symmetric echo, larger for an asymmetric one); trace = merge of all its lines.
 
+    Early snapshots (``early_lines`` > 0): when a buffer holds all but ``early_lines`` of the
+    lines its encoding limits name (``kspace_encoding_step_1/2`` minimum..maximum; off when
+    the limits declare averages that are averaged here), an :class:`~inline.buffers.EarlySnapshot`
+    of it goes downstream at once, so :class:`~gadgets.fft_recon.FFTRecon` transforms it while
+    the last lines are still being acquired; the complete buffer follows on its trigger as
+    usual, its ``since_snapshot`` naming the lines written after the snapshot. The snapshot
+    shares this gadget's array (no copy): lines arriving while the consumer still reads it are
+    held aside, and a buffer that must leave first is copied. The chain config requires the
+    first later stage that takes buffers to accept snapshots
+    (:func:`inline.config.check_early_snapshots`). Undersampled scans never reach the count
+    and send no snapshot.
+
+    Early references (``early_reference``): the first imaging-only line of a buffer that
+    lands outside the ky/kz box of its calibration lines so far (the ACS block has been
+    passed, in linear, reversed or centre-out order, or a separate reference scan is over)
+    sends an :class:`~inline.buffers.EarlyReference` with a copy of those lines, so
+    :class:`~gadgets.grappa.GRAPPA` calibrates while the rest is acquired. The complete
+    buffer still carries its full reference: GRAPPA uses the early weights only if that
+    reference is unchanged.
+
     Raises:
         ValueError: a line lands outside the encoded grid, or its channel count / readout
             length / centre differs from the buffer's first line.
@@ -133,15 +223,31 @@ class AcquisitionAccumulateTrigger(AccumulatingGadget):
         separate_averages: bool = Field(
             False, description="One buffer per ISMRMRD average instead of averaging repeated lines (MOCO over averages)."
         )
+        early_reference: bool = Field(
+            False, description="Send the calibration (ACS) lines of a buffer as soon as they are complete (GRAPPA "
+            "calibrates while imaging lines are still acquired).",
+        )
+        early_lines: int = Field(
+            0,
+            ge=0,
+            description="Send an early snapshot of a buffer when all but this many of its lines (encoding limits) "
+            "are in, so FFTRecon transforms it before the last readouts; 0: off.",
+        )
 
     accepts: ClassVar[tuple[type, ...]] = (ismrmrd.Acquisition,)
-    emits: ClassVar[tuple[type, ...]] = (ReconBuffer,)
+    emits: ClassVar[tuple[type, ...]] = (ReconBuffer, EarlySnapshot, EarlyReference)
+
+    @classmethod
+    def emits_early(cls, params: "AcquisitionAccumulateTrigger.Params") -> bool:
+        """True when early snapshots are sent (checked by :func:`inline.config.check_early_snapshots`)."""
+        return params.early_lines > 0
     accepts_hybrid: ClassVar[bool] = True
 
     def __init__(self, context, params=None):
         super().__init__(context, params)
         self._pending: dict[tuple[int, AcquisitionIndex], _Pending] = {}
         self._encodings: dict[int, tuple[EncodingInfo, int, int]] = {}
+        self._snapshot_at: dict[int, int] = {}
         self._trigger_flag = _TRIGGER_FLAG[self.params.trigger]
         #: number of trigger events that emitted at least one buffer
         self.trigger_count = 0
@@ -176,6 +282,40 @@ class AcquisitionAccumulateTrigger(AccumulatingGadget):
             self._encodings[space] = (enc, oy, oz)
         return self._encodings[space]
 
+    def _snapshot_count(self, space: int) -> int:
+        """Distinct lines at which a buffer of encoding ``space`` is snapshot (0: never)."""
+        if space not in self._snapshot_at:
+            at = 0
+            if self.params.early_lines > 0:
+                try:
+                    lim = self.header.encoding[space].encodingLimits
+
+                    def lines(name: str) -> int:
+                        lm = getattr(lim, name, None)
+                        if lm is None or lm.maximum is None:
+                            return 1
+                        return int(lm.maximum) - int(lm.minimum or 0) + 1
+
+                    averages = lines("average") if not self.params.separate_averages else 1
+                    expected = lines("kspace_encoding_step_1") * lines("kspace_encoding_step_2")
+                    if averages == 1:
+                        at = max(expected - self.params.early_lines, 0)
+                except (AttributeError, IndexError, TypeError):
+                    at = 0
+            self._snapshot_at[space] = at
+        return self._snapshot_at[space]
+
+    def _snapshot(self, p: _Pending) -> EarlySnapshot:
+        grid = p.image
+        data, sampled = grid.average()
+        snap = EarlySnapshot(p.buffer(data, sampled, grid, ismrmrd.AcquisitionHeader.from_buffer_copy(p.header)), next(_SNAPSHOT_TOKENS))
+        grid.token = snap.token
+        if data is grid.sums:
+            grid.lent = snap
+        else:
+            snap.release()
+        return snap
+
     # -- accumulation ---------------------------------------------------------------
     def _line(self, acq: ismrmrd.Acquisition) -> tuple[np.ndarray, int]:
         n = acq.number_of_samples
@@ -203,14 +343,28 @@ class AcquisitionAccumulateTrigger(AccumulatingGadget):
                 f"AcquisitionAccumulateTrigger: line {acq.scan_counter} has (coils, samples) {data.shape} and centre "
                 f"{center}; its buffer holds {(coils, nx)} with centre {grid.center_sample}"
             )
-        grid.sums[:, z, y, :] += data
-        grid.counts[z, y] += 1
+        grid.write(z, y, data)
         return grid
 
-    def _add(self, acq: ismrmrd.Acquisition, trace: Trace) -> None:
+    def _early_reference(self, p: _Pending) -> EarlyReference:
+        p.reference_sent = True
+        ref, sampled = p.reference.average()
+        ref = ref.copy() if ref is p.reference.sums else ref
+        return EarlyReference(
+            reference=_to_domain(ref, p.reference.domain, p.image.domain),
+            reference_sampled=sampled,
+            index=p.index,
+            encoding=p.encoding,
+            data_shape=p.image.sums.shape,
+            domain=p.image.domain,
+        )
+
+    def _add(self, acq: ismrmrd.Acquisition, trace: Trace) -> list[EarlySnapshot | EarlyReference]:
+        """File one line; return the early messages (:class:`EarlyReference`, :class:`EarlySnapshot`)
+        its buffer is ready to send after it."""
         flags = acq.flags
         if flags & NON_IMAGING_MASK:
-            return
+            return []
         to_ref = bool(flags & (_CAL | _CAL_AND_IMAGING))
         to_image = not (flags & _CAL) or bool(flags & _CAL_AND_IMAGING)
         space = acq.encoding_space_ref
@@ -239,6 +393,18 @@ class AcquisitionAccumulateTrigger(AccumulatingGadget):
         if to_ref:
             p.reference = self._put(p.reference, data, center, z, y, nz, ny, acq, domain)
         p.traces.append(trace)
+        early: list[EarlySnapshot | EarlyReference] = []
+        if (
+            self.params.early_reference
+            and not to_ref
+            and p.reference is not None
+            and not p.reference_sent
+            and not p.reference.inside(z, y)
+        ):
+            early.append(self._early_reference(p))
+        if to_image and p.image.token is None and p.image.distinct == self._snapshot_count(space) > 0:
+            early.append(self._snapshot(p))
+        return early
 
     # -- emission -------------------------------------------------------------------
     def _emit(self, keys: list[tuple[int, AcquisitionIndex]]) -> Iterator[Output]:
@@ -247,33 +413,23 @@ class AcquisitionAccumulateTrigger(AccumulatingGadget):
             self.trigger_count += 1
         for key in ready:
             p = self._pending.pop(key)
-            data, sampled = p.image.average()
-            nx = data.shape[-1]
-            n_full, _ = readout_placement(nx, p.image.center_sample)
-            head = p.header
-            head.number_of_samples = nx
-            head.center_sample = max(p.image.center_sample, 0)
-            head.discard_pre = head.discard_post = 0
-            ref, ref_sampled = p.reference.average() if p.reference is not None else (None, None)
-            if ref is not None:
-                ref = _to_domain(ref, p.reference.domain, p.image.domain)
-            buf = ReconBuffer(
-                data=data,
-                sampled=sampled,
-                index=p.index,
-                encoding=p.encoding,
-                header=head,
-                readout_fov_mm=p.encoding.encoded_fov_mm[0] * n_full / p.encoding.encoded_matrix[0],
-                reference=ref,
-                reference_sampled=ref_sampled,
-                domain=p.image.domain,
-            )
+            grid = p.image
+            grid.settle()
+            data, sampled = grid.average()
+            buf = p.buffer(data, sampled, grid, p.header)
+            if p.reference is not None:
+                p.reference.settle()
+                ref, buf.reference_sampled = p.reference.average()
+                buf.reference = _to_domain(ref, p.reference.domain, grid.domain)
+            if grid.token is not None:
+                buf.since_snapshot = LinesSince(grid.token, tuple(grid.changed), grid.resampled)
             yield buf, Trace.merge_all(p.traces)
 
     def process(self, item: ismrmrd.Acquisition, trace: Trace) -> Iterator[Output]:
         if item.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT):
             return
-        self._add(item, trace)
+        for early in self._add(item, trace):
+            yield early, trace
         if item.is_flag_set(ismrmrd.ACQ_LAST_IN_MEASUREMENT):
             yield from self._emit(list(self._pending))
         elif self._trigger_flag is not None and item.is_flag_set(self._trigger_flag):

@@ -11,25 +11,40 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
+import numpy as np
 from pydantic import Field
 
 from inline.backend import BackendUnavailable, cupy_available, to_device, to_host
-from inline.buffers import ImageBuffer, ReconBuffer
+from inline.buffers import EarlySnapshot, ImageBuffer, ReconBuffer
 from inline.gadget import GadgetParams, PureGadget
 from inline.registry import register
 
 
 def _move(item: Any, fields: tuple[str, ...], move) -> Any:
+    if isinstance(item, EarlySnapshot):
+        if move is to_host and isinstance(item.buffer.data, np.ndarray):
+            return item  # already on the host: nothing to copy
+        if not item.begin_read():
+            return item  # revoked: nobody reads it
+        try:
+            buf = _move(item.buffer, _ARRAY_FIELDS[ReconBuffer], move)
+        finally:
+            item.release()  # copied: the accumulator's array is free again
+        return EarlySnapshot(buf, item.token)
     changes = {f: move(getattr(item, f)) for f in fields if getattr(item, f, None) is not None}
     return dataclasses.replace(item, **changes)
 
 
-_ARRAY_FIELDS = {ReconBuffer: ("data", "sampled", "reference", "reference_sampled"), ImageBuffer: ("data",)}
+_ARRAY_FIELDS = {
+    ReconBuffer: ("data", "sampled", "reference", "reference_sampled"),
+    ImageBuffer: ("data",),
+    EarlySnapshot: (),  # its buffer's
+}
 
 
 @register
 class ToDevice(PureGadget):
-    """Copy ReconBuffer / ImageBuffer arrays to the current CUDA device (CuPy).
+    """Copy ReconBuffer / ImageBuffer / EarlySnapshot arrays to the current CUDA device (CuPy).
 
     Shapes and dtypes are unchanged. Without CuPy or a GPU the buffers stay on the host
     and the chain runs on NumPy (logged once), unless ``required`` is set.
@@ -41,9 +56,10 @@ class ToDevice(PureGadget):
     class Params(GadgetParams):
         required: bool = Field(False, description="Fail the session when no GPU is available instead of running on the CPU.")
 
-    accepts: ClassVar[tuple[type, ...]] = (ReconBuffer, ImageBuffer)
-    emits: ClassVar[tuple[type, ...]] = (ReconBuffer, ImageBuffer)
-    accepts_hybrid: ClassVar[bool] = True  # moves arrays, whatever their domain
+    accepts: ClassVar[tuple[type, ...]] = (ReconBuffer, ImageBuffer, EarlySnapshot)
+    emits: ClassVar[tuple[type, ...]] = (ReconBuffer, ImageBuffer, EarlySnapshot)
+    accepts_hybrid: ClassVar[bool] = True
+    forwards_snapshots: ClassVar[bool] = True  # moves early snapshots on (inline.config.check_early_snapshots)  # moves arrays, whatever their domain
 
     def __init__(self, context, params=None):
         super().__init__(context, params)
@@ -61,11 +77,12 @@ class ToDevice(PureGadget):
 
 @register
 class ToHost(PureGadget):
-    """Copy ReconBuffer / ImageBuffer arrays back to host memory (NumPy); a no-op for host arrays."""
+    """Copy ReconBuffer / ImageBuffer / EarlySnapshot arrays back to host memory (NumPy); a no-op for host arrays."""
 
-    accepts: ClassVar[tuple[type, ...]] = (ReconBuffer, ImageBuffer)
-    emits: ClassVar[tuple[type, ...]] = (ReconBuffer, ImageBuffer)
+    accepts: ClassVar[tuple[type, ...]] = (ReconBuffer, ImageBuffer, EarlySnapshot)
+    emits: ClassVar[tuple[type, ...]] = (ReconBuffer, ImageBuffer, EarlySnapshot)
     accepts_hybrid: ClassVar[bool] = True
+    forwards_snapshots: ClassVar[bool] = True  # moves early snapshots on (inline.config.check_early_snapshots)
 
     def apply(self, item):
         return _move(item, _ARRAY_FIELDS[type(item)], to_host)

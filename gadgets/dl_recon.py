@@ -456,7 +456,7 @@ class DLRecon(AccumulatingGadget):
                 rs = np.asarray(to_host(item.reference_sampled))
                 ref = np.zeros_like(k)
                 ref[:, rs] = compress(to_host(item.reference)[:, rs], prep.matrix)
-        return replace(item, data=k, reference=ref)
+        return replace(item, data=k, reference=ref, since_snapshot=None)
 
     def _run_fallback(self, buf: ReconBuffer, acs_lines: int) -> tuple[ReconBuffer, list[Text]]:
         if self.params.fallback == "cs":

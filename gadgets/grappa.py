@@ -43,7 +43,7 @@ import numpy as np
 from pydantic import Field
 
 from inline.backend import fft_module, get_array_module
-from inline.buffers import ReconBuffer
+from inline.buffers import AcquisitionIndex, EarlyReference, ReconBuffer
 from inline.gadget import AccumulatingGadget, GadgetParams, Output, Text, text_message
 from inline.registry import register
 from inline.trace import Trace
@@ -99,6 +99,7 @@ class GrappaWeights:
 class _Stats:
     calibrations: int = 0
     reuses: int = 0
+    early: int = 0  # calibrations done from an EarlyReference and used by their buffer
     warnings: list[str] = field(default_factory=list)
 
 
@@ -384,6 +385,10 @@ class GRAPPA(AccumulatingGadget):
       phase and set; recomputed when the ACS block changes by more than
       ``recalibrate_threshold`` (relative Frobenius norm; 0 = any bit change, a SHA-1 check).
       A buffer without reference reuses its slice's weights.
+    * Early calibration: an :class:`~inline.buffers.EarlyReference` (accumulator
+      ``early_reference``) is calibrated on arrival, while the scanner still acquires the
+      buffer's imaging lines; its buffer then uses those weights if its ACS block has the same
+      shape and is unchanged (``recalibrate_threshold``), else calibrates again.
     * No calibration data at all (no reference, no cached weights, no fully sampled centre):
       ``on_missing_reference="warn"`` (default) passes the buffer on unchanged (the image will
       be aliased, R times folded) and emits a ``WARNING`` :class:`Text` once per slice: the
@@ -415,7 +420,7 @@ class GRAPPA(AccumulatingGadget):
             "warn", description="No calibration data: pass through with a WARNING text, or raise."
         )
 
-    accepts: ClassVar[tuple[type, ...]] = (ReconBuffer,)
+    accepts: ClassVar[tuple[type, ...]] = (ReconBuffer, EarlyReference)
     emits: ClassVar[tuple[type, ...]] = (ReconBuffer, Text)
 
     def __init__(self, context, params=None):
@@ -424,6 +429,7 @@ class GRAPPA(AccumulatingGadget):
             raise ValueError(f"GRAPPA: kernel_kx must be odd, got {self.params.kernel_kx}")
         self._cache: dict[tuple, GrappaWeights] = {}
         self._by_slice: dict[int, tuple] = {}
+        self._early: dict[AcquisitionIndex, tuple[tuple, GrappaWeights]] = {}
         self._warned: set[int] = set()
         #: number of weight calibrations and of buffers that reused cached weights
         self.stats = _Stats()
@@ -473,8 +479,13 @@ class GRAPPA(AccumulatingGadget):
             self.stats.reuses += 1
             self._by_slice[slice_] = key
             return cached
-        weights = calibrate(acs, lattice.r, (p.kernel_kz, p.kernel_ky), p.kernel_kx, p.lambda_rel)
-        self.stats.calibrations += 1
+        early = self._early.pop(buf.index, None)
+        if early is not None and early[0] == (lattice.r, buf.data.shape, acs.shape) and not self._changed(early[1].reference, acs):
+            weights = early[1]
+            self.stats.early += 1
+        else:
+            weights = calibrate(acs, lattice.r, (p.kernel_kz, p.kernel_ky), p.kernel_kx, p.lambda_rel)
+            self.stats.calibrations += 1
         self._cache[key] = weights
         self._by_slice[slice_] = key
         return weights
@@ -487,7 +498,25 @@ class GRAPPA(AccumulatingGadget):
         norm = float(xp.linalg.norm(old))
         return norm == 0.0 or float(xp.linalg.norm(new - old)) > t * norm
 
-    def process(self, item: ReconBuffer, trace: Trace) -> Iterator[Output]:
+    def _calibrate_early(self, item: EarlyReference) -> None:
+        """Calibrate on the calibration lines sent ahead of their buffer; kept until it comes."""
+        r = self.acceleration()
+        if r == (1, 1) or not item.reference_sampled.any():
+            return
+        acs = acs_block(item.reference, item.reference_sampled)
+        p = self.params
+        try:
+            weights = calibrate(acs, r, (p.kernel_kz, p.kernel_ky), p.kernel_kx, p.lambda_rel)
+        except ValueError as e:  # e.g. too few ACS lines: the complete buffer decides what to do
+            self.log.debug("GRAPPA: no early calibration for %s: %s", item.index, e)
+            return
+        self.stats.calibrations += 1
+        self._early[item.index] = ((r, item.data_shape, acs.shape), weights)
+
+    def process(self, item: ReconBuffer | EarlyReference, trace: Trace) -> Iterator[Output]:
+        if isinstance(item, EarlyReference):
+            self._calibrate_early(item)
+            return
         if item.data.ndim != 4:
             raise ValueError(f"GRAPPA: buffer data must be (coils, kz, ky, kx), got shape {item.data.shape}")
         r = self.acceleration()
@@ -536,6 +565,7 @@ class GRAPPA(AccumulatingGadget):
                 data=filled.astype(xp.complex64, copy=False),
                 sampled=in_range,
                 history=[*item.history, f"GRAPPA R={r[1]}x{r[0]}"],
+                since_snapshot=None,
             ),
             trace,
         )

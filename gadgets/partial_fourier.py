@@ -285,4 +285,4 @@ class PartialFourier(PureGadget):
             header.number_of_samples = nx_full
             header.center_sample = nx_full // 2
         self.log.debug("PartialFourier: %s, acquired kz %s ky %s kx %s", label, rz, ry, rx)
-        return replace(item, data=out, header=header, history=[*item.history, label])
+        return replace(item, data=out, header=header, history=[*item.history, label], since_snapshot=None)

@@ -21,11 +21,20 @@ travels as the ``domain`` attribute of the message (:func:`domain_of`). Only a g
 declares ``accepts_hybrid = True`` may receive hybrid data: the chain config is refused
 otherwise (:func:`inline.config.validate_chain`) and the engine refuses such a message at run
 time, so a k-space gadget (GRAPPA, SENSE, CS, partial Fourier, EPI, ...) never silently gets it.
+
+Early snapshots. An accumulator may send an :class:`EarlySnapshot` of a buffer when all but
+a few of its lines are in, so the reconstruction transforms it while the scanner is still
+acquiring; the complete :class:`ReconBuffer` then says in ``since_snapshot`` which lines
+changed after the snapshot, and only their contribution is added (a Cartesian transform is
+linear, so the image of the complete buffer is the snapshot's image plus the images of the
+new lines). Only a gadget that lists :class:`EarlySnapshot` in ``accepts`` may follow such an
+accumulator as the first stage that takes buffers (:func:`inline.config.check_early_snapshots`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -133,6 +142,9 @@ class ReconBuffer:
             CoilCombine carry it on, ImageFinish writes it. Empty by default.
         domain: :data:`KSPACE`, or :data:`HYBRID` when the readout axis of ``data`` (and of
             ``reference``) is already in image space: ``(coils, kz, ky, x)``.
+        since_snapshot: the lines that changed after this buffer's :class:`EarlySnapshot`, or
+            None when none was sent; cleared by :meth:`completed` and by any gadget that makes
+            new data.
     """
 
     data: np.ndarray
@@ -146,6 +158,7 @@ class ReconBuffer:
     history: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     domain: Domain = KSPACE
+    since_snapshot: "LinesSince | None" = None
 
     def completed(self, data, step: str | list[str], meta: dict[str, Any] | None = None) -> "ReconBuffer":
         """This buffer with ``data`` (``(coils, kz, ky, kx)``, every line filled) as a fully
@@ -155,8 +168,96 @@ class ReconBuffer:
         steps = [step] if isinstance(step, str) else list(step)
         return dataclasses.replace(
             self, data=data, sampled=xp.ones(self.sampled.shape, bool), reference=None, reference_sampled=None,
-            history=[*self.history, *steps], meta={**self.meta, **(meta or {})},
+            history=[*self.history, *steps], meta={**self.meta, **(meta or {})}, since_snapshot=None,
         )
+
+
+@dataclass(frozen=True)
+class LinesSince:
+    """The lines of a buffer written after its :class:`EarlySnapshot` was taken.
+
+    Attributes:
+        token: the snapshot's token.
+        lines: ``(kz, ky)`` grid positions of those lines, in arrival order (a position may repeat).
+        resampled: True when one of them was already sampled in the snapshot (an average or
+            a repeated line), so the change is not just the new line's data.
+    """
+
+    token: int
+    lines: tuple[tuple[int, int], ...]
+    resampled: bool = False
+
+
+@dataclass
+class EarlyReference:
+    """The calibration (ACS) lines of a buffer, sent as soon as they look complete, so a
+    parallel-imaging gadget calibrates while the imaging lines are still being acquired.
+
+    Attributes:
+        reference: ``(coils, kz, ky, kx)`` complex64 calibration k-space (a copy), 0 where unsampled.
+        reference_sampled: ``(kz, ky)`` bool.
+        index: the loop counters of the buffer the lines belong to.
+        encoding: its encoding geometry.
+        data_shape: the shape its buffer's ``data`` will have.
+        domain: :data:`KSPACE` or :data:`HYBRID`, as the buffer's.
+    """
+
+    reference: np.ndarray
+    reference_sampled: np.ndarray
+    index: AcquisitionIndex
+    encoding: EncodingInfo
+    data_shape: tuple[int, int, int, int]
+    domain: Domain = KSPACE
+
+
+@dataclass
+class EarlySnapshot:
+    """A buffer with all but a few of its lines, sent ahead so the transform runs early.
+
+    Attributes:
+        buffer: the buffer so far (unsampled lines 0; ``buffer.data`` may be the
+            accumulator's own array: read it, never write it, and set ``released`` when
+            done reading).
+        token: unique per snapshot; the complete buffer's ``since_snapshot.token``.
+        released: set by the consumer once it no longer reads ``buffer.data``; until then
+            the accumulator holds later lines aside.
+
+    A consumer calls :meth:`begin_read` before reading ``buffer.data`` and :meth:`release`
+    after; the accumulator calls :meth:`revoke` when the complete buffer must leave: a
+    snapshot nobody has started reading is withdrawn (the consumer then skips it), one being
+    read makes the accumulator copy its array instead.
+    """
+
+    buffer: ReconBuffer
+    token: int
+    released: threading.Event = field(default_factory=threading.Event)
+    _state: str = "new"  # new, reading, released, revoked
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def begin_read(self) -> bool:
+        """Claim ``buffer.data`` for reading; False when the snapshot was revoked (skip it)."""
+        with self._lock:
+            if self._state == "revoked":
+                return False
+            self._state = "reading"
+            return True
+
+    def release(self) -> None:
+        """Done reading (or not going to read): the accumulator may write its array again."""
+        with self._lock:
+            if self._state != "revoked":
+                self._state = "released"
+        self.released.set()
+
+    def revoke(self) -> bool:
+        """Withdraw the snapshot; True when nobody reads ``buffer.data`` any more, False when a
+        consumer is reading it now (the caller must not write it)."""
+        with self._lock:
+            if self._state in ("new", "revoked"):
+                self._state = "revoked"
+                self.released.set()
+                return True
+            return self._state == "released"
 
 
 @dataclass

@@ -166,7 +166,42 @@ def validate_chain(spec: ChainSpec) -> list[Stage]:
             raise ConfigError(f"{where} ({cls.__name__}): {_format_errors(e, cls.Params)}") from e
         stages.append(Stage(g.name, cls, params, g.budget_ms))
     check_domains(stages, spec.name)
+    check_early_snapshots(stages, spec.name)
     return stages
+
+
+def check_early_snapshots(stages: list[Stage], chain: str = "") -> None:
+    """Refuse a chain whose early snapshots (:class:`inline.buffers.EarlySnapshot`) would not
+    reach a gadget that uses them.
+
+    After a stage whose class has ``emits_early(params)`` true (an accumulator with
+    ``early_lines``), the first stage that takes buffers (taps and stages that only move them,
+    ``forwards_snapshots``, e.g. ``ToDevice``, aside) must list ``EarlySnapshot`` in ``accepts``
+    (``FFTRecon``): a gadget that changed the complete buffer in between would make the
+    snapshot's image wrong.
+
+    Raises:
+        ConfigError: naming the accumulator, the stage in the way (or none), and the fix.
+    """
+    from inline.buffers import EarlySnapshot, ReconBuffer
+
+    for i, st in enumerate(stages):
+        emits_early = getattr(st.cls, "emits_early", None)
+        if emits_early is None or not emits_early(st.params):
+            continue
+        consumer = None
+        for later in stages[i + 1 :]:
+            if getattr(later.cls, "tap", False) or getattr(later.cls, "forwards_snapshots", False):
+                continue
+            if any(issubclass(t, (ReconBuffer, EarlySnapshot)) for t in later.cls.accepts):
+                consumer = later
+                break
+        if consumer is None or EarlySnapshot not in consumer.cls.accepts:
+            where = f"{consumer.name!r} ({consumer.cls.__name__}) takes its buffers" if consumer else "no later gadget takes them"
+            raise ConfigError(
+                f"config {chain!r}, gadget {st.name!r} sends early snapshots (early_lines) but {where}; "
+                f"put FFTRecon right after it or set {st.name}.early_lines: 0"
+            )
 
 
 def check_domains(stages: list[Stage], chain: str = "") -> None:

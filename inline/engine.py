@@ -13,7 +13,6 @@ others (Holoscan's multithread scheduler makes the same bet).
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -24,6 +23,7 @@ from inline.buffers import KSPACE, domain_of
 from inline.config import Stage
 from inline.gadget import Gadget, SessionContext
 from inline.trace import Trace
+from inline.threads import lower_thread_priority
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +36,6 @@ class _End:
 
 _END = _End()
 
-
-def _lower_priority() -> None:
-    """Nice the calling thread (Linux: a thread id is a process id for setpriority), so a
-    tap's inspection yields the CPU to the data path when both want it."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):  # not Linux, or not permitted: keep the default
-        pass
 
 
 class DomainError(ValueError):
@@ -258,7 +250,7 @@ class ChainRunner:
         side: queue.Queue = queue.Queue()
 
         def inspect() -> None:
-            _lower_priority()
+            lower_thread_priority()  # a tap's inspection yields the CPU to the data path
             try:
                 while True:
                     msg = side.get()

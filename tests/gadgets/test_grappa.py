@@ -202,3 +202,64 @@ def test_irregular_sampling_and_small_acs_raise():
     tiny[0, M // 2 + 2 :] = False
     with pytest.raises(GrappaError, match="smaller than one kernel"):
         run(GRAPPA(context(header)), replace(buf, reference_sampled=tiny))
+
+
+def _scan_buffers(early: bool, acqs, header):
+    """Accumulator (k-space buffers, early_reference on or off) + GRAPPA over ``acqs``."""
+    stages = build_stages(header, overrides={**KSPACE_BUFFERS, "accumulate": {"early_reference": early}})
+    grappa = GRAPPA(context(header))
+    return payloads(run_chain([*stages, grappa], acqs), ReconBuffer), grappa
+
+
+def test_early_reference_calibrates_once_and_gives_the_same_kspace():
+    """With early_reference the accumulator sends each slice's ACS as soon as an imaging line
+    lands past it; GRAPPA calibrates then and the buffer uses those weights: one calibration
+    per slice, bit-identical k-space to calibrating on the buffer."""
+    from gadgets.accumulate import AcquisitionAccumulateTrigger
+    from inline.buffers import EarlyReference
+    from inline.trace import Trace
+
+    scan = simulate_scan(matrix=M, coils=C, slices=2, acceleration=4, acs_lines=24, seed=3, snr=40.0)
+    plain, g0 = _scan_buffers(False, scan.acquisitions, scan.header)
+    early, g1 = _scan_buffers(True, scan.acquisitions, scan.header)
+    assert len(plain) == len(early) == 2
+    assert (g0.stats.calibrations, g0.stats.early) == (2, 0)
+    assert (g1.stats.calibrations, g1.stats.early) == (2, 2)
+    for a, b in zip(plain, early):
+        np.testing.assert_array_equal(a.data, b.data)
+
+    # the early reference is sent before the last imaging line and holds the whole ACS
+    acc = AcquisitionAccumulateTrigger(context(scan.header), AcquisitionAccumulateTrigger.Params(early_reference=True))
+    order = []
+    for i, acq in enumerate(scan.acquisitions):
+        for out, _ in acc.process(acq, Trace.arrived()):
+            order.append((i, out))
+    refs = [(i, o) for i, o in order if isinstance(o, EarlyReference)]
+    bufs = [(i, o) for i, o in order if isinstance(o, ReconBuffer)]
+    assert [o.index.slice for _, o in refs] == [0, 1] and len(bufs) == 2
+    for (i_ref, ref), (i_buf, buf) in zip(refs, bufs):
+        assert i_buf - i_ref >= 8  # the lattice lines past the ACS (4 per slice, 2 slices) are still to come
+        np.testing.assert_array_equal(ref.reference_sampled, buf.reference_sampled)
+        np.testing.assert_array_equal(ref.reference, buf.reference)
+        assert ref.data_shape == buf.data.shape
+
+
+def test_early_reference_that_grows_later_is_recalibrated():
+    """ACS lines after the early reference (here: half the ACS block acquired at the end)
+    change the block: GRAPPA calibrates again on the complete one."""
+    import ismrmrd
+
+    scan = simulate_scan(matrix=M, coils=C, slices=1, acceleration=4, acs_lines=24, seed=5, snr=40.0)
+    acqs = [a for a in scan.acquisitions if not a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)]
+    cal = ismrmrd.ACQ_IS_PARALLEL_CALIBRATION
+    late = [a for a in acqs if a.is_flag_set(cal) and a.idx.kspace_encode_step_1 >= M // 2]
+    rest = [a for a in acqs if a not in late]
+    reordered = [a for a in scan.acquisitions if a.is_flag_set(ismrmrd.ACQ_IS_NOISE_MEASUREMENT)] + rest + late
+    for flag in (ismrmrd.ACQ_LAST_IN_SLICE, ismrmrd.ACQ_LAST_IN_REPETITION, ismrmrd.ACQ_LAST_IN_MEASUREMENT):
+        if rest[-1].is_flag_set(flag):  # the end-of-slice flags move to the new last line
+            rest[-1].clear_flag(flag)
+            reordered[-1].set_flag(flag)
+    plain, g0 = _scan_buffers(False, reordered, scan.header)
+    early, g1 = _scan_buffers(True, reordered, scan.header)
+    assert (g1.stats.calibrations, g1.stats.early) == (2, 0)  # the early one, then the real one
+    np.testing.assert_array_equal(plain[0].data, early[0].data)
