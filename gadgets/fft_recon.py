@@ -520,7 +520,7 @@ class FFTRecon(PureGadget):
             else:
                 img = centred_ifft(k, plan.axes, workers)
                 snap.release()
-                kept = snapshot_patch.keep(centred_resize(img, plan.out_shape, (1, 2, 3)), "none", self._geometry(item))
+                kept = snapshot_patch.keep(centred_resize(img, plan.out_shape, (1, 2, 3)), self._geometry(item))
             with self._lock:
                 self._kept[snap.token] = kept
                 self._kept_bytes += kept.nbytes

@@ -62,24 +62,13 @@ class SnapshotImage:
     nbytes: int
 
 
-def keep(img: Any, combine: str, key: tuple) -> SnapshotImage:
-    """Keep a snapshot's coil images ``img`` ``(coils, z, y, x)`` complex64 for :func:`patch`.
-
-    ``combine`` ``"rss"`` stores them coils-last with their sum of squares; ``"none"`` as they
-    are (the patch then adds into them). Raises ValueError for another ``combine``.
-    """
-    xp = get_array_module(img)
+def keep(img: Any, key: tuple) -> SnapshotImage:
+    """Keep a snapshot's coil images ``img`` ``(coils, z, y, x)`` complex64 for a coil-image
+    :func:`patch` (the patch adds into them). The root-sum-of-squares form is made in one
+    pass by :func:`gadgets.fft_recon.coil_images_coils_last`."""
     c, z, y, x = img.shape
     flat = img.reshape(c, z * y, x)
-    if combine == "rss":
-        coils_last = xp.ascontiguousarray(flat.transpose(1, 2, 0))
-        v = img.view(np.float32)  # re, im interleaved along x
-        sq = xp.einsum("c...,c...->...", v, v)
-        s0 = (sq[..., 0::2] + sq[..., 1::2]).reshape(z * y, x)
-        return SnapshotImage("rss", img.shape, coils_last, s0, None, key, coils_last.nbytes + s0.nbytes)
-    if combine == "none":
-        return SnapshotImage("none", img.shape, None, None, flat, key, flat.nbytes)
-    raise ValueError(f"keep: combine must be 'rss' or 'none', got {combine!r}")
+    return SnapshotImage("none", img.shape, None, None, flat, key, flat.nbytes)
 
 
 def patch(kept: SnapshotImage, h: Any, e: Any) -> Any:
