@@ -2,11 +2,12 @@
 
     python bench/qc_overhead.py [--repeats N] [--pace realtime|fast]
 
-Streams the simulated 32-coil, 256x256, 10-slice scan (as in ``bench/latency.py``) through a
-server in this process, alternating the default chain with and without ``readout_qc`` and
-``image_qc`` (same data, same process, interleaved so machine load hits both alike; first
-run of each excluded), and reports image latency after the last readout (server-side
-measurement) and the QC stages' own time per call. Then the CPU each QC tap costs per slice
+Streams the simulated 32-coil, 256x256, 10-slice scan (as in ``bench/latency.py``) through
+servers in this process, rotating three variants: the default chain with its QC taps in a
+worker process (as ``inline serve`` runs them), with its QC taps on threads of the server,
+and without ``readout_qc``, ``shot_motion`` and ``image_qc`` (same data, interleaved so
+machine load hits all alike; first run of each excluded). Reports image latency after the
+last readout (server-side measurement) and the QC stages' own time per call. Then the CPU each QC tap costs per slice
 (:func:`tap_cpu_per_slice`: the taps of ``configs/default.yaml`` run alone, single-threaded,
 on the same scan, ``time.thread_time`` around every call, slice-end work included).
 Writes bench/results/qc_overhead_cpu.json.
@@ -107,26 +108,31 @@ def main() -> None:
         print(f"{k}: {v['ms_per_slice']:.1f} ms CPU per slice ({v['calls']} calls, largest {v['max_call_ms']:.1f} ms)")
     if args.cpu_only:
         return
-    server = InlineServer("127.0.0.1", 0, SessionSettings())
-    server.start_background()
-    lat = {True: [], False: []}
+    servers = {"worker": InlineServer("127.0.0.1", 0, SessionSettings(), tap_workers=1), "threads": InlineServer("127.0.0.1", 0, SessionSettings())}
+    servers["worker"].settings.tap_host.wait_ready(60)
+    for srv in servers.values():
+        srv.start_background()
+    variants = (("worker", True), ("threads", True), ("threads", False))  # (server, with QC)
+    lat: dict[tuple[str, bool], list[float]] = {v: [] for v in variants}
     stage_ms: dict[str, list[float]] = {s: [] for s in QC_STAGES}
     try:
         for r in range(args.repeats + 1):
-            for with_qc in (True, False):
+            for where, with_qc in variants:
+                server = servers[where]
                 res = send_scan(scan, "127.0.0.1", server.port, config_name=None, config_text=chain_text(with_qc), pace=args.pace)
                 assert res.closed and not res.errors, res.texts
                 if r == 0:
                     continue
-                lat[with_qc] += [image_latency_ms(im) for im in res.images]
-                if with_qc:
+                lat[where, with_qc] += [image_latency_ms(im) for im in res.images]
+                if with_qc and where == "worker":
                     time.sleep(0.2)
                     session = server.finished[-1]
                     for st in session.runner.times:
                         if st.name in stage_ms:
                             stage_ms[st.name] += [d / 1e6 for d in st.durations_ns]
     finally:
-        server.stop()
+        for srv in servers.values():
+            srv.stop()
 
     def pct(v):
         v = np.asarray(v)
@@ -139,15 +145,17 @@ def main() -> None:
         "device": "CPU",
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
         "date": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
-        "latency_ms_with_qc": pct(lat[True]),
-        "latency_ms_without_qc": pct(lat[False]),
+        "latency_ms_with_qc": pct(lat["worker", True]),  # as inline serve runs it
+        "latency_ms_with_qc_on_threads": pct(lat["threads", True]),
+        "latency_ms_without_qc": pct(lat["threads", False]),
         "qc_stage_ms_per_call": {k: pct(v) for k, v in stage_ms.items() if v},
         "qc_tap_cpu_per_slice": cpu,
         "load_average_1_5_15_min_at_end": [round(v, 2) for v in os.getloadavg()],  # other work on the machine
     }
     args.out.write_text(json.dumps(result, indent=2))
-    w, wo = result["latency_ms_with_qc"], result["latency_ms_without_qc"]
-    print(f"with QC    p50 {w['p50']:.1f} ms  p99 {w['p99']:.1f} ms")
+    w, t, wo = result["latency_ms_with_qc"], result["latency_ms_with_qc_on_threads"], result["latency_ms_without_qc"]
+    print(f"with QC in a worker  p50 {w['p50']:.1f} ms  p99 {w['p99']:.1f} ms")
+    print(f"with QC on threads   p50 {t['p50']:.1f} ms  p99 {t['p99']:.1f} ms")
     print(f"without QC p50 {wo['p50']:.1f} ms  p99 {wo['p99']:.1f} ms")
     for k, v in result["qc_stage_ms_per_call"].items():
         print(f"{k}: p50 {v['p50']:.3f} ms, p99 {v['p99']:.3f} ms per call ({v['n']} calls)")

@@ -59,11 +59,12 @@ class ToDevice(PureGadget):
     accepts: ClassVar[tuple[type, ...]] = (ReconBuffer, ImageBuffer, EarlySnapshot)
     emits: ClassVar[tuple[type, ...]] = (ReconBuffer, ImageBuffer, EarlySnapshot)
     accepts_hybrid: ClassVar[bool] = True
-    forwards_snapshots: ClassVar[bool] = True  # moves early snapshots on (inline.config.check_early_snapshots)  # moves arrays, whatever their domain
+    forwards_snapshots: ClassVar[bool] = True  # moves early snapshots on (inline.config.check_early_snapshots)
 
     def __init__(self, context, params=None):
         super().__init__(context, params)
         self.on_gpu = cupy_available()
+        self.moves_arrays_to = "device" if self.on_gpu else None  # without a GPU nothing moves
         if not self.on_gpu:
             if self.params.required:
                 raise BackendUnavailable("ToDevice: required GPU not available (CuPy with a CUDA device)")
@@ -83,6 +84,7 @@ class ToHost(PureGadget):
     emits: ClassVar[tuple[type, ...]] = (ReconBuffer, ImageBuffer, EarlySnapshot)
     accepts_hybrid: ClassVar[bool] = True
     forwards_snapshots: ClassVar[bool] = True  # moves early snapshots on (inline.config.check_early_snapshots)
+    moves_arrays_to: ClassVar[str | None] = "host"
 
     def apply(self, item):
         return _move(item, _ARRAY_FIELDS[type(item)], to_host)

@@ -157,38 +157,57 @@ def _sum_over_coil_chunks(k: Any, chunk, workers: int, min_coils: int = 1) -> An
     """``sum(chunk(c0, c1))`` over chunks of about 1 MiB of the coil axis of ``k``.
 
     With NumPy input and ``workers`` != 1, helper threads of the process-wide pool take chunks
-    too; the caller never waits for a helper that has not started (it is cancelled).
+    too; the caller never waits for a helper that has not started (it is cancelled). The
+    partial sums are added in chunk order whoever computed them, so the result is the same
+    bits for any ``workers`` and any timing (a replayed journal gives the same images).
     """
     xp = get_array_module(k)
     coils = k.shape[0]
     per_coil = max(int(np.prod(k.shape[1:])) * 8, 1)
     step = max(min_coils, min(coils, _RSS_CHUNK_BYTES // per_coil))
     starts = list(range(0, coils, step))
-    lock = threading.Lock()
+    todo = list(range(len(starts)))[::-1]  # chunk numbers, popped in order
+    done: dict[int, Any] = {}
+    folded = {"next": 0, "total": None}
+    lock, fold_lock = threading.Lock(), threading.Lock()
 
-    def work() -> Any:
-        acc = None
+    def fold(wait: bool = False) -> None:
+        """Add the finished chunks that are next in order. One thread at a time; a thread that
+        finds another folding goes back to transforming (the last call, ``wait``, adds the rest)."""
+        if not fold_lock.acquire(blocking=wait):
+            return
+        try:
+            while True:
+                with lock:
+                    part = done.pop(folded["next"], None)
+                if part is None:
+                    return
+                total = folded["total"]
+                folded["total"] = part if total is None else xp.add(total, part, out=total)
+                folded["next"] += 1
+        finally:
+            fold_lock.release()
+
+    def work() -> None:
         while True:
             with lock:
-                if not starts:
-                    return acc
-                c0 = starts.pop()
+                if not todo:
+                    return
+                i = todo.pop()
+            c0 = starts[i]
             part = chunk(c0, min(c0 + step, coils))
-            if acc is None:
-                acc = part
-            else:
-                acc += part
+            with lock:
+                done[i] = part
+            fold()
 
     helpers = _helpers(workers) if xp is np else 0
     futures = [_helper_pool().submit(work) for _ in range(min(helpers, len(starts) - 1))]
-    total = work()
+    work()
     for f in futures:
-        if f.cancel():
-            continue
-        part = f.result()
-        if part is not None:
-            total = part if total is None else xp.add(total, part, out=total)
-    return total
+        if not f.cancel():
+            f.result()
+    fold(wait=True)
+    return folded["total"]
 
 
 class Cancelled(Exception):

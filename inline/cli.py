@@ -56,6 +56,9 @@ def serve(
     no_warmup: bool = typer.Option(False, "--no-warmup", help="load no model at start (the first scan of a DL chain loads it)"),
     metrics_port: int = typer.Option(9102, help="Prometheus metrics on http://127.0.0.1:PORT/metrics (-1 turns it off)"),
     trace_dir: Optional[Path] = typer.Option(None, help="write each session's per-message spans here (<session>.trace.json, <session>.chrome.json)"),
+    qc_workers: int = typer.Option(
+        1, help="worker processes for the QC taps, so their checks never hold the server's interpreter lock (0: taps on threads of the server)"
+    ),
     log_level: str = typer.Option("info"),
 ) -> None:
     """Serve MRD streaming connections: one chain per connection, QC alerts on the bus."""
@@ -80,6 +83,7 @@ def serve(
         dashboard_port=None if dashboard_port < 0 else dashboard_port,
         preload=None if no_warmup else (list(preload) or PRELOAD_ALL),
         metrics_port=None if metrics_port < 0 else metrics_port,
+        tap_workers=qc_workers,
     )
 
 

@@ -53,6 +53,22 @@ def check_domain(gadget: Gadget, item: Any) -> None:
         )
 
 
+def remote_tap_indices(stages: list[Stage], gadgets: list[Gadget]) -> list[int]:
+    """Stages whose tap can run in a worker process: a tap whose class and parameters pickle,
+    and whose messages hold host arrays (not after a ``ToDevice`` that put them on a GPU:
+    those taps stay on a thread of the server, beside their device)."""
+    from inline.tap_process import can_run_remotely
+
+    out, on_device = [], False
+    for i, (stage, gadget) in enumerate(zip(stages, gadgets)):
+        moved = getattr(gadget, "moves_arrays_to", None)
+        if moved is not None:
+            on_device = moved == "device"
+        if getattr(gadget, "tap", False) and not on_device and can_run_remotely(stage.cls, stage.params):
+            out.append(i)
+    return out
+
+
 class GadgetError(RuntimeError):
     """A gadget raised; ``stage`` names it, ``__cause__`` is the original exception."""
 
@@ -84,7 +100,10 @@ class ChainRunner:
             ``budget_ms`` takes longer on one message (once per run, not per message).
         on_span: called ``(stage_index, kind, start_ns, took_ns)`` after every ``process``
             (``kind``: the message's type name) and ``close`` (``kind`` ``"close"``) call, from
-            the stage's thread (:class:`inline.spans.SpanRecorder`); None: no spans.
+            the stage's thread (:class:`inline.spans.SpanRecorder`; a tap in a worker process
+            reports from its session's result thread); None: no spans.
+        tap_host: a :class:`inline.tap_process.TapHost`: taps run in its worker processes
+            (see :func:`remote_tap_indices` for which); None: every tap on a thread here.
 
     Raises:
         GadgetError: from :meth:`put`, :meth:`close` when a gadget failed (also in :attr:`error`).
@@ -99,6 +118,7 @@ class ChainRunner:
         on_error: Callable[[GadgetError], None] | None = None,
         on_budget: Callable[[str, float, float], None] | None = None,
         on_span: Callable[[int, str, int, int], None] | None = None,
+        tap_host: Any = None,
     ):
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
@@ -118,6 +138,10 @@ class ChainRunner:
         self._overrun = [False] * len(stages)
         self.times = [StageTimes(n, type(g).__name__) for n, g in zip(self.names, self.gadgets)]
         self.error: GadgetError | None = None
+        self._stages = list(stages)
+        self.tap_host = tap_host
+        self.remote_taps = remote_tap_indices(self._stages, self.gadgets) if tap_host is not None and tap_host.available else []
+        self._remote = None  # RemoteTaps of this run, opened in start()
         self._abort = threading.Event()
         self._queues: list[queue.Queue] = [queue.Queue(maxsize=queue_size) for _ in self.gadgets]
         self._threads = [
@@ -128,6 +152,13 @@ class ChainRunner:
 
     # -- producer side -------------------------------------------------------------------
     def start(self) -> "ChainRunner":
+        if self.remote_taps:
+            from inline.tap_process import TapSpec
+
+            specs = [TapSpec(i, self._stages[i].cls, self._stages[i].params) for i in self.remote_taps]
+            self._remote = self.tap_host.open(
+                self.context, specs, self._emit, lambda i, kind, t0, took: self._check_budget(i, took, t0, kind), self._remote_failed
+            )
         for t in self._threads:
             t.start()
         self._started = True
@@ -225,7 +256,9 @@ class ChainRunner:
             self._put(index + 1, _END)
 
     def _work(self, index: int) -> None:
-        if getattr(self.gadgets[index], "tap", False):
+        if index in self.remote_taps:
+            self._work_remote_tap(index)
+        elif getattr(self.gadgets[index], "tap", False):
             self._work_tap(index)
         else:
             self._work_stage(index)
@@ -237,6 +270,34 @@ class ChainRunner:
         self._abort.set()
         if self.on_error is not None:
             self.on_error(self.error)
+
+    def _remote_failed(self, index: int | None, e: Exception) -> None:
+        log.error("session %s: %s", self.context.session_id, getattr(e, "remote_traceback", "") or e)
+        self._fail(self.remote_taps[0] if index is None else index, e)
+
+    def _work_remote_tap(self, index: int) -> None:
+        """A tap in a worker process: forward every message, hand accepted ones over; at the
+        end wait until the worker has closed the tap and its findings were handed on."""
+        gadget, q, remote = self.gadgets[index], self._queues[index], self._remote
+        try:
+            for msg in self._messages(q):
+                if msg is _END:
+                    remote.end(index)
+                    while not remote.wait_closed(index, 0.05):
+                        if self._abort.is_set():
+                            return
+                    self._forward_end(index)
+                    return
+                item, trace = msg
+                self._emit(index, item, trace)
+                if isinstance(item, gadget.accepts):
+                    check_domain(gadget, item)
+                    remote.put(index, item, trace)
+        except Exception as e:
+            self._fail(index, e)
+        finally:
+            if self._abort.is_set():
+                remote.drop()
 
     def _work_tap(self, index: int) -> None:
         """A tap (``gadget.tap = True``, e.g. QC) sits beside the data path, not on it.

@@ -77,6 +77,7 @@ class Gadget:
         accepts: message types :meth:`process` is called with; others bypass the gadget.
         emits: message types the gadget may yield (documentation and ``inline gadgets``).
         tap: True for gadgets that only inspect (QC): they never delay the data path.
+        moves_arrays_to: "device" / "host" for stages that move arrays between memories.
     """
 
     Params: ClassVar[type[GadgetParams]] = GadgetParams
@@ -85,6 +86,9 @@ class Gadget:
     #: A tap (QC) runs beside the data path on its own thread: the engine forwards every
     #: message at once and keeps only what the tap finds (see ChainRunner._work_tap).
     tap: ClassVar[bool] = False
+    #: "device" or "host" for a stage that moves the arrays it passes on (ToDevice on a GPU,
+    #: ToHost); taps after a move to the device stay on a thread of the server.
+    moves_arrays_to: ClassVar[str | None] = None
 
     def __init__(self, context: SessionContext, params: GadgetParams | None = None):
         self.context = context

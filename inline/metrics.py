@@ -99,6 +99,7 @@ class ServerMetrics:
             PlatformCollector(registry=registry)
             GCCollector(registry=registry)
         self.registry = registry
+        self.tap_host = None  # the server's inline.tap_process.TapHost, when taps run in workers
         self._lock = threading.Lock()
         self._active: dict[str, _Watched] = {}
         self._gadget: dict[tuple[str, str, str], _Histogram] = {}
@@ -205,6 +206,10 @@ class ServerMetrics:
         yield images
         yield overruns
         yield GaugeMetricFamily("inline_process_peak_resident_bytes", "Peak resident memory of this process", value=peak_rss_bytes())
+        if self.tap_host is not None:  # QC taps in worker processes: their cost is the server's too
+            cpu, rss = self.tap_host.usage()
+            yield CounterMetricFamily("inline_qc_worker_cpu_seconds", "CPU time of the QC tap worker processes", value=cpu)
+            yield GaugeMetricFamily("inline_qc_worker_peak_resident_bytes", "Largest peak resident memory of a QC tap worker process", value=rss)
         gpu = GaugeMetricFamily("inline_gpu_memory_bytes", "GPU memory held by this process", labels=["library", "kind"])
         for library, kind, value in gpu_memory_bytes():
             gpu.add_metric([library, kind], value)

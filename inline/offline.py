@@ -37,9 +37,15 @@ class RunResult:
 
 
 def run_chain(
-    spec: ChainSpec, scan: RawScan, parameters: dict[str, Any] | None = None, queue_size: int = 64, spans: SpanRecorder | None = None
+    spec: ChainSpec,
+    scan: RawScan,
+    parameters: dict[str, Any] | None = None,
+    queue_size: int = 64,
+    spans: SpanRecorder | None = None,
+    tap_host: Any = None,
 ) -> RunResult:
-    """Run ``spec`` over ``scan``; with ``spans``, record every gadget call there (:mod:`inline.spans`).
+    """Run ``spec`` over ``scan``; with ``spans``, record every gadget call there (:mod:`inline.spans`);
+    with ``tap_host`` (:class:`inline.tap_process.TapHost`), run the QC taps in its workers as the server does.
 
     Raises:
         ConfigError: the chain does not validate.
@@ -68,7 +74,7 @@ def run_chain(
         spans.bind(spec.name, [(s.name, s.cls.__name__) for s in stages])
     runner = ChainRunner(
         stages, SessionContext(header=header, config_name=spec.name), sink, queue_size=queue_size,
-        on_span=None if spans is None else spans.stage_span,
+        on_span=None if spans is None else spans.stage_span, tap_host=tap_host,
     )
     runner.start()
     try:

@@ -110,6 +110,10 @@ class InlineServer(socketserver.ThreadingTCPServer):
             ``127.0.0.1:metrics_port`` (0 picks a free port, see :attr:`metrics_port`), creating
             ``settings.metrics`` unless set; None: no endpoint. A port that cannot be bound is
             logged and skipped: metrics never stop the scanner's server.
+        tap_workers: run the sessions' QC taps in this many worker processes
+            (:class:`inline.tap_process.TapHost`, created unless ``settings.tap_host`` is set),
+            so their checks never hold this process's interpreter lock; 0: taps on threads of
+            this process.
     """
 
     allow_reuse_address = True
@@ -124,6 +128,7 @@ class InlineServer(socketserver.ThreadingTCPServer):
         bus_endpoint: str | None = None,
         preload: Sequence[str] | str | None = None,
         metrics_port: int | None = None,
+        tap_workers: int = 0,
     ):
         tune_process()
         self.settings = settings or SessionSettings()
@@ -143,6 +148,13 @@ class InlineServer(socketserver.ThreadingTCPServer):
                 log.info("metrics on http://127.0.0.1:%d/metrics", self.metrics_port)
             except OSError as e:
                 log.warning("metrics endpoint on 127.0.0.1:%d not started: %s", metrics_port, e)
+        self._own_tap_host = None
+        if tap_workers > 0 and self.settings.tap_host is None:
+            from inline.tap_process import TapHost
+
+            self._own_tap_host = self.settings.tap_host = TapHost(tap_workers)
+        if self.settings.metrics is not None:
+            self.settings.metrics.tap_host = self.settings.tap_host
         self.active: dict[str, Session] = {}
         self.finished: list[Session] = []
         self.lock = threading.Lock()
@@ -187,6 +199,11 @@ class InlineServer(socketserver.ThreadingTCPServer):
         if self._own_bus is not None:
             self._own_bus.close()
 
+    def server_close(self) -> None:
+        super().server_close()
+        if self._own_tap_host is not None:  # also on leaving ``with InlineServer(...)``
+            self._own_tap_host.close()
+
 
 def serve(
     host: str,
@@ -196,11 +213,14 @@ def serve(
     dashboard_port: int | None = None,
     preload: Sequence[str] | str | None = None,
     metrics_port: int | None = None,
+    tap_workers: int = 1,
 ) -> None:
     """Run the server in the foreground until interrupted; with a bus, also the dashboard on
-    ``127.0.0.1:dashboard_port`` (None: no dashboard); ``preload`` and ``metrics_port`` as
-    :class:`InlineServer`."""
-    with InlineServer(host, port, settings, bus_endpoint=bus_endpoint, preload=preload, metrics_port=metrics_port) as server:
+    ``127.0.0.1:dashboard_port`` (None: no dashboard); ``preload``, ``metrics_port`` and
+    ``tap_workers`` as :class:`InlineServer`."""
+    with InlineServer(
+        host, port, settings, bus_endpoint=bus_endpoint, preload=preload, metrics_port=metrics_port, tap_workers=tap_workers
+    ) as server:
         dashboard = None
         if settings.bus is not None and dashboard_port is not None:
             from inline.dashboard import DashboardServer

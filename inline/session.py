@@ -76,6 +76,8 @@ class SessionSettings:
         metrics: the process's :class:`inline.metrics.ServerMetrics`, or None.
         trace_dir: where each session's per-message spans go as ``<session>.trace.json`` and
             ``<session>.chrome.json`` (:mod:`inline.spans`); None: no spans recorded.
+        tap_host: the process's :class:`inline.tap_process.TapHost`: QC taps run in its
+            worker processes; None: on threads of this process.
     """
 
     config_dirs: list[Path] = field(default_factory=list)
@@ -88,6 +90,7 @@ class SessionSettings:
     alert_log_dir: Path | None = None
     metrics: Any = None
     trace_dir: Path | None = None
+    tap_host: Any = None
 
 
 class SessionError(RuntimeError):
@@ -263,7 +266,7 @@ class Session:
             on_span = self.spans.stage_span
         self.runner = ChainRunner(
             stages, context, self._sink, queue_size=self.settings.queue_size, on_error=self._fail, on_budget=self._stage_over_budget,
-            on_span=on_span,
+            on_span=on_span, tap_host=self.settings.tap_host,
         ).start()
         self._event("event.session.start", config=self.config_label, peer=_peer(self.sock))
         self.log.info("session %s: chain %s: %s", self.id, self.config_label, " -> ".join(s.name for s in stages))

@@ -37,9 +37,13 @@ def faulty_scan() -> RawScan:
     return dead_coil(RawScan(sim.header_xml, list(sim.acquisitions)), channel=DEAD, from_fraction=0.5).scan
 
 
-@pytest.fixture
-def live(tmp_path):
-    srv = InlineServer("127.0.0.1", 0, SessionSettings(journal_dir=tmp_path / "journal", idle_timeout_s=10.0), bus_endpoint="tcp://127.0.0.1:*")
+def _live(tmp_path, tap_workers: int):
+    srv = InlineServer(
+        "127.0.0.1", 0, SessionSettings(journal_dir=tmp_path / "journal", idle_timeout_s=10.0), bus_endpoint="tcp://127.0.0.1:*",
+        tap_workers=tap_workers,
+    )
+    if tap_workers:
+        assert srv.settings.tap_host.wait_ready(60)
     srv.start_background()
     state = ViewState()
     subscriber = BusSubscriber(state, srv.settings.bus.endpoint).start()
@@ -50,6 +54,18 @@ def live(tmp_path):
     dashboard.stop()
     subscriber.stop()
     srv.stop()
+
+
+@pytest.fixture(params=[0, 1], ids=["taps-on-threads", "taps-in-a-worker-process"])
+def live(request, tmp_path):
+    """A live server, its QC taps on threads (embedded default) or in a worker (``inline serve``'s)."""
+    yield from _live(tmp_path, request.param)
+
+
+@pytest.fixture
+def live_served(tmp_path):
+    """A live server set up as ``inline serve`` sets it up: QC taps in a worker process."""
+    yield from _live(tmp_path, 1)
 
 
 def dropout_alerts(records):
@@ -94,8 +110,8 @@ def test_faulty_scan_alert_reaches_every_view(live, faulty_scan):
     check_everywhere(srv, state, collector, result)
 
 
-def test_dashboard_shows_the_alert_of_a_streamed_faulty_scan(live, faulty_scan, browser_page):
-    srv, state, dashboard, collector = live
+def test_dashboard_shows_the_alert_of_a_streamed_faulty_scan(live_served, faulty_scan, browser_page):
+    srv, state, dashboard, collector = live_served
     page = browser_page
     page.goto(dashboard.url)
     page.wait_for_selector("#conn.live", timeout=5000)

@@ -252,7 +252,9 @@ def _ours(case: BenchCase, scan: PreparedScan, r: dict, step: Progress) -> dict:
         breakdown = stage_breakdown(one_session_traces)
     measured_sessions = sum(lv["sessions"] for lv in levels) * r["repeats"]
     images = sum(lv["images"] for lv in levels)
-    cpu_s = sample(m1, "process_cpu_seconds_total") - sample(m0, "process_cpu_seconds_total")
+    # the QC tap workers are part of the server: their CPU counts (0 where taps run on threads)
+    worker_cpu_s = sample(m1, "inline_qc_worker_cpu_seconds_total") - sample(m0, "inline_qc_worker_cpu_seconds_total")
+    cpu_s = sample(m1, "process_cpu_seconds_total") - sample(m0, "process_cpu_seconds_total") + worker_cpu_s
     gpu = {f"{lab['library']}_{lab['kind']}": v for lab, v in m1.get("inline_gpu_memory_bytes", [])}
     acq_received = sample(m1, "inline_acquisitions_received_total") - sample(m0, "inline_acquisitions_received_total")
     head = next((lv for lv in levels if lv["sessions"] == 1), levels[0])
@@ -265,7 +267,9 @@ def _ours(case: BenchCase, scan: PreparedScan, r: dict, step: Progress) -> dict:
             "cpu_s": cpu_s,
             "cpu_ms_per_image": cpu_s * 1e3 / images if images else None,
             "cpu_s_per_session": cpu_s / measured_sessions if measured_sessions else None,
+            "qc_worker_cpu_s": worker_cpu_s,
             "peak_rss_mib": sample(m1, "inline_process_peak_resident_bytes") / 2**20,
+            "qc_worker_peak_rss_mib": sample(m1, "inline_qc_worker_peak_resident_bytes") / 2**20,
             "gpu_memory_bytes": gpu,
             "acquisitions_received": acq_received,
             "acquisitions_sent": measured_sessions * scan.acquisitions,
