@@ -9,6 +9,8 @@ before the single inverse FFT, which gives the same result with one transform.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import queue
 import threading
@@ -311,16 +313,22 @@ class FFTRecon(PureGadget):
     Early snapshots (:class:`~inline.buffers.EarlySnapshot`, from an accumulator with
     ``early_lines``): the snapshot is transformed to coil images when it arrives, while the
     scanner still acquires; when the complete buffer follows with at most
-    ``early_max_lines`` new lines (none of them resampled) and the same geometry, only
-    those lines are transformed and added (:mod:`gadgets.snapshot_patch`): the same image
-    to float32 rounding. Otherwise, or when a snapshot's image is over ``early_max_mb`` or
-    the kept images would pass ``early_cache_mb``, the complete buffer is transformed as
-    usual. Snapshots are transformed on a thread of their own at low priority
-    (``early_in_background``): the snapshots of all slices of an interleaved scan arrive in
-    the same TR, and on a busy machine they take longer than it (25 ms each measured in the
-    2D benchmark, 7 ms alone), so a complete buffer whose snapshot is still queued or being
-    transformed does not wait for it (nor for other slices' snapshots): it is transformed
-    whole and the snapshot dropped.
+    ``early_max_lines`` new lines (none of them resampled) and a snapshot image within
+    ``early_max_mb``, only those lines are transformed and added
+    (:mod:`gadgets.snapshot_patch`): the whole transform's image to float32 rounding.
+    Otherwise the complete buffer is transformed whole. That choice depends on the data
+    only, so a replayed journal gives the same bits: a snapshot that is not done when its
+    buffer arrives (still queued on a busy machine, revoked, or not kept for
+    ``early_cache_mb``) is not waited for; the buffer makes the snapshot's image itself from
+    its data with the new lines zeroed (bit for bit what the background thread would have
+    kept, counted in :attr:`late`) and patches it. That costs a copy and a coil-image
+    transform per late snapshot (15-20 ms for 32 x 256 x 256 here, against 3-5 ms for the
+    whole transform); ``early_deterministic: false`` transforms such a buffer whole instead,
+    less work on an overloaded machine, but its image then matches a replay only to float32
+    rounding. Snapshots are transformed on a thread of
+    their own at low priority (``early_in_background``): the snapshots of all slices of an
+    interleaved scan arrive in the same TR, and on a busy machine they take longer than it
+    (25 ms each measured in the 2D benchmark, 7 ms alone).
 
     Raises:
         ValueError: ``data`` is not 4-D ``(coils, kz, ky, kx)``.
@@ -343,7 +351,14 @@ class FFTRecon(PureGadget):
         early_in_background: bool = Field(
             True,
             description="Transform snapshots on a low-priority thread of their own: a complete buffer never waits for "
-            "another slice's snapshot, and one whose snapshot is not done yet is transformed whole.",
+            "another slice's snapshot, and one whose snapshot is not done yet makes the snapshot's image itself.",
+        )
+        early_deterministic: bool = Field(
+            True,
+            description="A buffer whose snapshot is not done makes the snapshot's image itself and patches it, so images "
+            "do not depend on timing (journal replays bit for bit; costs a copy and a coil-image transform per late "
+            "snapshot); false: it is transformed whole (less work on an overloaded machine, images then match a replay "
+            "to float32 rounding).",
         )
         early_max_mb: float = Field(
             64.0,
@@ -373,8 +388,9 @@ class FFTRecon(PureGadget):
         self._dropped: set[int] = set()  # of those, tokens whose buffer did not wait
         self._snapshots: queue.Queue | None = None
         self._worker: threading.Thread | None = None
-        #: complete buffers whose image came from an early snapshot, and those transformed whole
-        self.patched = self.transformed = 0
+        #: complete buffers whose image came from an early snapshot, those transformed whole, and
+        #: of the patched, those whose snapshot was not done in time and was made after the last readout
+        self.patched = self.transformed = self.late = 0
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -498,64 +514,104 @@ class FFTRecon(PureGadget):
                 self._dropped.add(token)
             return kept
 
+    def _too_big(self, item: ReconBuffer, plan: _Plan) -> bool:
+        """Whether the coil images of ``item`` are over ``early_max_mb`` (no snapshot path)."""
+        return item.data.shape[0] * int(np.prod(plan.out_shape)) * 8 > self.params.early_max_mb * 2**20
+
+    def _snapshot_image(self, item: ReconBuffer, plan: _Plan, workers: int, cancelled=None, done_reading=None):
+        """What is kept of a snapshot: its coil images (coils last, with their sum of squares for RSS).
+
+        The same bits for any ``workers`` (ordered coil-chunk sums, per-transform FFTs), so the
+        late path (:meth:`_late_snapshot`) gives what the background thread would have.
+        ``done_reading()`` (optional) is called once ``item.data`` is no longer read.
+        """
+        k = plan.kspace(item.data, workers)
+        coils = item.data.shape[0]
+        if self._combine(coils) == "rss":
+            coils_last, s0 = coil_images_coils_last(k, plan.axes, plan.out_shape, workers, cancelled)
+            if done_reading is not None:
+                done_reading()
+            return snapshot_patch.SnapshotImage(
+                "rss", (coils, *plan.out_shape), coils_last, s0, None, self._geometry(item), coils_last.nbytes + s0.nbytes
+            )
+        img = centred_ifft(k, plan.axes, workers)
+        if done_reading is not None:
+            done_reading()
+        return snapshot_patch.keep(centred_resize(img, plan.out_shape, (1, 2, 3)), self._geometry(item))
+
     def _keep_snapshot(self, snap: EarlySnapshot) -> None:
         """Transform an early snapshot to coil images and keep them for its complete buffer."""
         if not snap.begin_read():
-            return  # revoked: its buffer has left already
+            return  # revoked: its buffer has left already (it makes the snapshot's image itself)
         try:
             item = snap.buffer
             plan = self._plan(item)
-            coils = item.data.shape[0]
-            need = coils * int(np.prod(plan.out_shape)) * 8
-            if need > self.params.early_max_mb * 2**20:
+            if self._too_big(item, plan):
                 if not self._said_too_big:
                     self._said_too_big = True
                     self.log.info(
                         "FFTRecon: %.0f MiB snapshot images are over early_max_mb %.0f; these buffers are transformed whole",
-                        need / 2**20, self.params.early_max_mb,
+                        item.data.shape[0] * int(np.prod(plan.out_shape)) * 8 / 2**20, self.params.early_max_mb,
                     )
                 return
+            need = item.data.shape[0] * int(np.prod(plan.out_shape)) * 8
             with self._lock:
                 held = self._kept_bytes
             if held + need > self.params.early_cache_mb * 2**20:
                 self.log.warning(
-                    "FFTRecon: early snapshot of slice %d not kept (%.0f MiB held, limit early_cache_mb %.0f)",
+                    "FFTRecon: early snapshot of slice %d not kept (%.0f MiB held, limit early_cache_mb %.0f); "
+                    "its buffer makes it after the last readout",
                     item.index.slice, held / 2**20, self.params.early_cache_mb,
                 )
                 return
             # on the low-priority thread, no helper threads: the shared pool runs at normal
             # priority and would take cores from the data path
             workers = 1 if self.params.early_in_background else self.params.fft_workers
-            k = plan.kspace(item.data, workers)
-            if self._combine(coils) == "rss":
-                try:
-                    coils_last, s0 = coil_images_coils_last(k, plan.axes, plan.out_shape, workers, lambda: self._is_dropped(snap.token))
-                except Cancelled:  # its buffer came first and was transformed whole
-                    return
-                snap.release()  # the accumulator's array is not read past this point
-                kept = snapshot_patch.SnapshotImage(
-                    "rss", (coils, *plan.out_shape), coils_last, s0, None, self._geometry(item), coils_last.nbytes + s0.nbytes
-                )
-            else:
-                img = centred_ifft(k, plan.axes, workers)
-                snap.release()
-                kept = snapshot_patch.keep(centred_resize(img, plan.out_shape, (1, 2, 3)), self._geometry(item))
+            try:
+                kept = self._snapshot_image(item, plan, workers, lambda: self._is_dropped(snap.token), snap.release)
+            except Cancelled:  # its buffer came first and made the snapshot's image itself
+                return
             with self._lock:
                 self._kept[snap.token] = kept
                 self._kept_bytes += kept.nbytes
         finally:
             snap.release()
 
+    def _late_snapshot(self, item: ReconBuffer, plan: _Plan, lines: tuple[tuple[int, int], ...]):
+        """The snapshot's image made from the complete buffer: its data with the lines written
+        after the snapshot set back to zero, which is what the snapshot held (none of them was
+        resampled). Bit for bit what the background thread would have kept, so the image does
+        not depend on whether the snapshot was done in time."""
+        data = item.data.copy()
+        xp = get_array_module(data)
+        zs = xp.asarray(np.array([z for z, _ in lines], np.intp))
+        ys = xp.asarray(np.array([y for _, y in lines], np.intp))
+        data[:, zs, ys, :] = 0
+        return self._snapshot_image(dataclasses.replace(item, data=data), plan, self.params.fft_workers)
+
+    def _discard(self, token: int) -> None:
+        """Free the kept image of snapshot ``token`` or stop its transform: its buffer does not use it."""
+        self._claim(token)
+
     def _patched(self, item: ReconBuffer, plan: _Plan) -> tuple[Any, list[str]] | None:
-        """The image from the kept snapshot plus the new lines, or None when it does not apply."""
+        """The image from the snapshot plus the new lines, or None when the buffer is transformed whole.
+
+        Which of the two is decided from the data alone (the lines written after the
+        snapshot, the size), never from timing: a snapshot that is not done yet is made here
+        from the buffer (:meth:`_late_snapshot`), so a replay gives the same bits.
+        """
         since = item.since_snapshot
         if since is None:
             return None
+        if since.resampled or len(since.lines) > self.params.early_max_lines or self._too_big(item, plan):
+            self._discard(since.token)
+            return None
         kept = self._claim(since.token)
-        if kept is None:
-            return None
-        if since.resampled or len(since.lines) > self.params.early_max_lines or kept.key != self._geometry(item):
-            return None
+        if kept is None or kept.key != self._geometry(item):
+            if not self.params.early_deterministic:
+                return None
+            kept = self._late_snapshot(item, plan, since.lines)
+            self.late += 1
         xp = get_array_module(item.data)
         workers = self.params.fft_workers
         zs = xp.asarray(np.array([z for z, _ in since.lines], np.intp))

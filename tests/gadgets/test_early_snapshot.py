@@ -88,6 +88,31 @@ def test_patched_image_equals_the_whole_transform(encoded, recon, fov_ratio, cen
     np.testing.assert_allclose(got.data, want.data, atol=2e-5 * np.abs(want.data).max())
 
 
+@pytest.mark.parametrize("encoded, recon, fov_ratio, center", GEOMETRIES)
+@pytest.mark.parametrize("domain", ["kspace", "hybrid"])
+@pytest.mark.parametrize("combine", ["rss", "none"])
+def test_a_late_snapshot_gives_the_same_bits_as_one_done_in_time(encoded, recon, fov_ratio, center, domain, combine):
+    """Whether the snapshot was transformed before its buffer came (the scanner's pace) or
+    not (a replay as fast as the disk reads) must not show in the image: journal replays
+    are bit for bit. The late image is made on 2 threads, the early one on 1."""
+    rng = np.random.default_rng(sum(encoded) + 5)
+    nx, ny, nz = encoded
+    recon_fov = (120.0, 180.0, 5.0) if recon is not None and recon[0] != nx else None
+    header = make_header(encoded=encoded, encoded_fov=(240.0, 180.0, 80.0 if nz > 1 else 5.0), recon=recon, recon_fov=recon_fov)
+    k = rng.standard_normal((16, nz, ny, nx)) + 1j * rng.standard_normal((16, nz, ny, nx))
+    full = buffer(k, header, center=center, domain=domain)
+    picks = rng.choice(nz * ny, 2, replace=False)
+    lines = [(int(p // ny), int(p % ny)) for p in picks]
+    in_time = FFTRecon(context(header), FFTRecon.Params(early_in_background=False, fft_workers=1, coil_combine=combine))
+    snap, complete = snapshot_of(full, lines, token=31)
+    in_time.apply(snap)
+    want = in_time.apply(complete)
+    late = FFTRecon(context(header), FFTRecon.Params(early_in_background=False, fft_workers=2, coil_combine=combine))
+    got = late.apply(snapshot_of(full, lines, token=32)[1])  # its snapshot never came
+    assert (in_time.late, late.late, late.patched) == (0, 1, 1)
+    assert got.data.tobytes() == want.data.tobytes()
+
+
 def test_the_centre_line_last_carries_most_of_the_image():
     """A real object whose k-space centre line arrives last: the snapshot's image is far from
     the final one, the patched one equals it."""
@@ -112,8 +137,6 @@ def test_the_centre_line_last_carries_most_of_the_image():
     [
         ("resampled", "a line of the snapshot changed (averages)"),
         ("too_many", "more lines than early_max_lines"),
-        ("shape", "the complete buffer has another geometry"),
-        ("token", "no kept snapshot under that token"),
     ],
 )
 def test_whole_transform_when_the_patch_does_not_apply(change, why):
@@ -125,10 +148,6 @@ def test_whole_transform_when_the_patch_does_not_apply(change, why):
     snap, complete = snapshot_of(full, lines, token=11)
     if change == "resampled":
         complete = dataclasses.replace(complete, since_snapshot=LinesSince(11, ((0, 5),), resampled=True))
-    elif change == "shape":
-        complete = dataclasses.replace(complete, readout_fov_mm=complete.readout_fov_mm * 2)
-    elif change == "token":
-        complete = dataclasses.replace(complete, since_snapshot=LinesSince(12, ((0, 5),)))
     params = FFTRecon.Params(early_in_background=False, fft_workers=1, coil_combine="rss", early_max_lines=3)
     fft = FFTRecon(context(header), params)
     fft.apply(snap)
@@ -136,7 +155,36 @@ def test_whole_transform_when_the_patch_does_not_apply(change, why):
     want = FFTRecon(context(header), params).apply(complete)
     assert (fft.patched, fft.transformed) == (0, 1), why
     np.testing.assert_array_equal(got.data, want.data)
-    assert fft._kept_bytes == (fft._kept[11].nbytes if change == "token" else 0)
+    assert fft._kept_bytes == 0  # the unused snapshot image is freed
+
+
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        ("shape", "the kept snapshot has another geometry than the complete buffer"),
+        ("token", "no kept snapshot under that token"),
+    ],
+)
+def test_the_buffer_makes_the_snapshot_image_when_none_fits(change, why):
+    """The choice between patch and whole transform depends on the data, not on what is kept:
+    without a matching kept image the buffer makes the snapshot's image from its own data."""
+    rng = np.random.default_rng(3)
+    header = make_header(encoded=(32, 24, 1), encoded_fov=(240.0, 180.0, 5.0))
+    k = rng.standard_normal((3, 1, 24, 32)) + 1j * rng.standard_normal((3, 1, 24, 32))
+    snap, complete = snapshot_of(buffer(k, header), [(0, 5)], token=11)
+    if change == "shape":
+        complete = dataclasses.replace(complete, readout_fov_mm=complete.readout_fov_mm * 2)
+    else:
+        complete = dataclasses.replace(complete, since_snapshot=LinesSince(12, ((0, 5),)))
+    params = FFTRecon.Params(early_in_background=False, fft_workers=1, coil_combine="rss", early_max_lines=3)
+    fft = FFTRecon(context(header), params)
+    fft.apply(snap)
+    got = fft.apply(complete)
+    alone = FFTRecon(context(header), params).apply(complete)  # never saw the snapshot
+    whole = FFTRecon(context(header), params).apply(dataclasses.replace(complete, since_snapshot=None))
+    assert (fft.patched, fft.late, fft.transformed) == (1, 1, 0), why
+    assert got.data.tobytes() == alone.data.tobytes()
+    np.testing.assert_allclose(got.data, whole.data, rtol=1e-5, atol=1e-5 * float(whole.data.max()))
 
 
 def test_snapshots_over_the_size_limit_are_not_kept(caplog):
@@ -163,8 +211,8 @@ def test_snapshots_beyond_the_memory_limit_are_not_kept(caplog):
     assert list(fft._kept) == [1] and snaps[1][0].released.is_set()
     assert "early_cache_mb" in caplog.text
     fft.apply(snaps[0][1])
-    fft.apply(snaps[1][1])
-    assert (fft.patched, fft.transformed) == (1, 1) and fft._kept_bytes == 0
+    fft.apply(snaps[1][1])  # its snapshot was not kept: the buffer makes the snapshot's image
+    assert (fft.patched, fft.late, fft.transformed) == (2, 1, 0) and fft._kept_bytes == 0
 
 
 # -- the accumulator's side ---------------------------------------------------------------
@@ -369,17 +417,25 @@ def test_background_snapshots_patch_when_done_and_never_hold_a_buffer_back(monke
     gate, started = threading.Event(), threading.Event()
     real = fft_recon.coil_images_coils_last
 
-    def slow(*args, **kw):
-        started.set()
-        gate.wait(10)
+    def slow(*args, **kw):  # the snapshot thread only
+        if "snapshots" in threading.current_thread().name:
+            started.set()
+            gate.wait(10)
         return real(*args, **kw)
 
     monkeypatch.setattr(fft_recon, "coil_images_coils_last", slow)
     snap, complete = snapshot_of(full, [(0, 9)], token=22)
     fft.apply(snap)
     assert started.wait(10)
+    t0 = time.monotonic()
     got = fft.apply(complete)  # the snapshot is still being transformed: no waiting
-    assert (fft.patched, fft.transformed) == (1, 1)
+    assert time.monotonic() - t0 < 5
+    assert (fft.patched, fft.late, fft.transformed) == (2, 1, 0)
+    # the same bits as when the snapshot is done in time (a replay gives the same image)
+    in_time = FFTRecon(context(header), FFTRecon.Params(early_in_background=False, fft_workers=1, coil_combine="rss"))
+    in_time.apply(snapshot_of(full, [(0, 9)], token=23)[0])
+    on_time = in_time.apply(snapshot_of(full, [(0, 9)], token=23)[1])
+    assert in_time.late == 0 and got.data.tobytes() == on_time.data.tobytes()
     np.testing.assert_allclose(got.data, want.data, atol=2e-5 * want.data.max())
     gate.set()
     fft.close()
@@ -396,3 +452,14 @@ def test_a_dropped_snapshot_stops_between_coil_chunks():
     assert asked == [1]
     coils_last, s0 = coil_images_coils_last(k, (2,), (1, 8, 8), 1, cancelled=lambda: False)
     assert coils_last.shape == (8, 8, 16) and s0.shape == (8, 8)
+
+
+def test_without_determinism_a_late_snapshot_means_a_whole_transform():
+    header = make_header(encoded=(32, 24, 1), encoded_fov=(240.0, 180.0, 5.0))
+    rng = np.random.default_rng(4)
+    full = buffer(rng.standard_normal((3, 1, 24, 32)) + 1j * rng.standard_normal((3, 1, 24, 32)), header)
+    params = FFTRecon.Params(early_in_background=False, fft_workers=1, coil_combine="rss", early_deterministic=False)
+    fft = FFTRecon(context(header), params)
+    got = fft.apply(snapshot_of(full, [(0, 5)], token=41)[1])  # its snapshot never came
+    assert (fft.patched, fft.late, fft.transformed) == (0, 0, 1)
+    assert got.data.tobytes() == FFTRecon(context(header), params).apply(full).data.tobytes()
