@@ -157,7 +157,7 @@ class ChainRunner:
 
             specs = [TapSpec(i, self._stages[i].cls, self._stages[i].params) for i in self.remote_taps]
             self._remote = self.tap_host.open(
-                self.context, specs, self._emit, lambda i, kind, t0, took: self._check_budget(i, took, t0, kind), self._remote_failed
+                self.context, specs, self._finding, lambda i, kind, t0, took: self._check_budget(i, took, t0, kind), self._remote_failed
             )
         for t in self._threads:
             t.start()
@@ -215,6 +215,13 @@ class ChainRunner:
         else:
             self.sink(item, trace)
 
+    def _finding(self, index: int, item: Any, trace: Trace) -> None:
+        """What a tap found goes straight to the sink: an alert must not queue behind the data
+        it was found in (no gadget takes alerts; the session sends them and stamps them on
+        the images that follow)."""
+        if not self._abort.is_set():
+            self.sink(item, trace)
+
     def _check_budget(self, index: int, took_ns: int, start_ns: int = 0, kind: str = "close") -> None:
         self.times[index].durations_ns.append(took_ns)
         if self.on_span is not None:
@@ -225,12 +232,14 @@ class ChainRunner:
             if self.on_budget is not None:
                 self.on_budget(self.names[index], took_ns / 1e6, budget)
 
-    def _run(self, index: int, outputs, skip: Any = None) -> int:
-        """Emit each output as soon as the gadget yields it; returns the gadget's own time [ns].
+    def _run(self, index: int, outputs, skip: Any = None, emit: Callable[[int, Any, Trace], None] | None = None) -> int:
+        """Emit each output as soon as the gadget yields it (``emit(index, item, trace)``,
+        default the next stage); returns the gadget's own time [ns].
 
         A gadget that yields its input first and then computes (a QC tap) does not delay
         the stages after it; the time spent handing outputs on is not counted as its time.
         """
+        emit = emit or self._emit
         spent = 0
         it = iter(outputs)
         while True:
@@ -241,7 +250,7 @@ class ChainRunner:
                 return spent + time.perf_counter_ns() - t0
             spent += time.perf_counter_ns() - t0
             if out is not skip:
-                self._emit(index, out, tr)
+                emit(index, out, tr)
 
     def _messages(self, q: queue.Queue):
         """Messages of one stage's queue until the run is aborted (polling, so abort is seen)."""
@@ -303,9 +312,10 @@ class ChainRunner:
         """A tap (``gadget.tap = True``, e.g. QC) sits beside the data path, not on it.
 
         Every message goes on to the next stage at once; accepted ones are also handed to a
-        second thread that runs the gadget and emits only what it finds (its echo of the
-        input is dropped). A slow check therefore never delays images; it only delays its
-        own alerts. The side queue is unbounded: dropping data would make QC miss faults.
+        second thread that runs the gadget and hands only what it finds (its echo of the
+        input is dropped) straight to the sink (:meth:`_finding`). A slow check therefore
+        never delays images; it only delays its own alerts. The side queue is unbounded:
+        dropping data would make QC miss faults.
         """
         gadget, q = self.gadgets[index], self._queues[index]
         side: queue.Queue = queue.Queue()
@@ -317,12 +327,13 @@ class ChainRunner:
                     msg = side.get()
                     if msg is _END:
                         t0 = time.perf_counter_ns()
-                        self._check_budget(index, self._run(index, gadget.close()), t0)
+                        self._check_budget(index, self._run(index, gadget.close(), emit=self._finding), t0)
                         return
                     item, trace = msg
                     check_domain(gadget, item)
                     t0 = time.perf_counter_ns()
-                    self._check_budget(index, self._run(index, gadget.process(item, trace), skip=item), t0, type(item).__name__)
+                    took = self._run(index, gadget.process(item, trace), skip=item, emit=self._finding)
+                    self._check_budget(index, took, t0, type(item).__name__)
                     if self._abort.is_set():
                         return
             except Exception as e:

@@ -111,7 +111,7 @@ def test_tap_runs_in_the_worker_and_the_data_path_is_unchanged(host):
     assert [o for o in out if isinstance(o, int)] == [101, 102, 103, 104]  # in order, echo dropped
     found = [o for o in out if isinstance(o, str) and o.startswith("pid")]
     assert found == [f"pid {host.pids[0]} saw 3"] and host.pids[0] != os.getpid()
-    assert out[-1] == "seen 4"  # close() findings arrive before the end of the chain
+    assert out.count("seen 4") == 1  # close() findings reach the sink before the run ends
     assert "text" in out
     assert len(runner.times[0].durations_ns) == 5  # four process calls and close, timed in the worker
 
@@ -123,7 +123,7 @@ def test_a_failing_tap_fails_its_session_and_the_worker_serves_the_next(host):
     assert isinstance(e.value.__cause__, RemoteTapError)
     assert "ValueError" in e.value.__cause__.remote_traceback
     out, _ = run([Stage("count", CountTap, GadgetParams())], [3], host)
-    assert out[-1] == "seen 1"
+    assert "seen 1" in out
 
 
 def test_a_dead_worker_fails_its_sessions_and_is_replaced():
@@ -146,7 +146,7 @@ def test_a_dead_worker_fails_its_sessions_and_is_replaced():
             time.sleep(0.05)
         assert host.pids[0] != pid and host.available
         out, _ = run([Stage("count", CountTap, GadgetParams())], [3], host)
-        assert out[-1] == "seen 1"
+        assert "seen 1" in out
     finally:
         host.close()
 
