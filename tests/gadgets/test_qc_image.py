@@ -171,7 +171,7 @@ def test_fast_morphology_matches_scipy():
     """The shift-based dilation / erosion / opening ImageQC uses (CPU) equal SciPy's."""
     import scipy.ndimage as ndi
 
-    from gadgets.qc_image import _open3, dilate, erode
+    from gadgets.qc_image import _open3, dilate, erode, fill_holes
 
     rng = np.random.default_rng(0)
     for _ in range(10):
@@ -180,3 +180,11 @@ def test_fast_morphology_matches_scipy():
             assert (dilate(m, r) == ndi.binary_dilation(m, iterations=r)).all()
             assert (erode(m, r) == ndi.binary_erosion(m, iterations=r)).all()
         assert (_open3(m) == ndi.binary_opening(m, structure=np.ones((3, 3), bool))).all()
+        for mask in (m, ~m, ndi.uniform_filter(rng.random((64, 64)), 3) > 0.5):
+            assert (fill_holes(mask) == ndi.binary_fill_holes(mask)).all()
+    ring = np.zeros((32, 32), bool)  # a closed ring with a diagonal-only gap stays closed (4-connected)
+    ring[8:24, 8:24] = True
+    ring[10:22, 10:22] = False
+    ring[8, 8] = False
+    assert (fill_holes(ring) == ndi.binary_fill_holes(ring)).all() and fill_holes(ring)[15, 15]
+    assert not fill_holes(np.zeros((8, 8), bool)).any() and fill_holes(np.ones((8, 8), bool)).all()
