@@ -615,11 +615,15 @@ def _paced_latency_section(path: Path = REPO / "bench" / "results" / "qc_latency
         "",
         "## Alert latency at scanner pace",
         "",
-        f"`bench/qc_latency.py` ({d['date']} UTC, `bench/results/{path.name}`): {d['case']}. Per code, cases are "
+        f"`bench/qc_latency.py` ({d['date']} UTC, `bench/results/{path.name}`): {d['case']}; what a tap finds goes "
+        "straight to the session, not through the chain's queues. Per code, cases are "
         "streamed until 20 raised it. Latency: arrival of the revealing readout at the server to publication on "
         "the ZeroMQ bus (the bus record's `latency_ms`). `motion`: the cases found are mostly two-repetition "
         "scans (ReadoutQC's repetition check, ShotMotionQC); mid-scan motion in one repetition is rarely found "
-        "(above).",
+        "(above). With the taps in the worker but their findings still queued behind the data (2026-11-22), one "
+        "`coil_noise` case of 21 took 108 ms (p99 89 ms); the first run with findings handed straight to the "
+        "session had no such tail (every code max <= 14.1 ms; one run each, so this is consistent with queueing "
+        "as the cause, not proof of it).",
         "",
         "| code | cases streamed | cases with the alert | alerts | p50 ms | p99 ms | max ms |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -630,12 +634,19 @@ def _paced_latency_section(path: Path = REPO / "bench" / "results" / "qc_latency
     return lines
 
 
+#: ``bench/qc_overhead.py`` variants: JSON key and row label.
+_OVERHEAD_VARIANTS = (
+    ("latency_ms_with_qc", "in a worker process (`inline serve`'s default, `--qc-workers 1`)"),
+    ("latency_ms_with_qc_on_threads", "on threads of the server (`--qc-workers 0`)"),
+    ("latency_ms_without_qc", "none (chain without `readout_qc`, `shot_motion`, `image_qc`)"),
+)
+
+
 def _cpu_section(path: Path = REPO / "bench" / "results" / "qc_overhead_cpu.json") -> list[str]:
     if not path.exists():
         return []
     d = json.loads(path.read_text())
     cpu = d.get("qc_tap_cpu_per_slice") or {}
-    w, wo = d["latency_ms_with_qc"], d["latency_ms_without_qc"]
     lines = [
         "",
         "## QC cost (32 channels, 256 x 256, 512 readout samples, 10 slices)",
@@ -647,13 +658,34 @@ def _cpu_section(path: Path = REPO / "bench" / "results" / "qc_overhead_cpu.json
         "|---|---:|---:|",
     ]
     lines += [f"| `{k}` | {v['ms_per_slice']:.1f} | {v['max_call_ms']:.1f} |" for k, v in cpu.items()]
+    load = d.get("load_average_1_5_15_min_at_end")
     lines += [
         "",
-        f"Image latency after the last readout, default chain, scanner pace: with the QC taps p50 {w['p50']:.1f} ms, "
-        f"p99 {w['p99']:.1f} ms ({w['n']} images); without p50 {wo['p50']:.1f} ms, p99 {wo['p99']:.1f} ms "
-        f"(load average at the end {d.get('load_average_1_5_15_min_at_end', 'not recorded')}). On this "
-        "2-core machine (shared with other work while measured) the taps still delay the images at the slice end, "
-        "where their slice-end checks run beside the reconstruction and hold the GIL part of the time.",
+        "`readout_qc`'s cost is spread over the readouts (about 0.08 ms each); its slice-end work (the mid-scan "
+        "motion check) is about 6 ms per slice. `image_qc` was 7.3 ms per slice before its hole filling (one "
+        "labelling of the background instead of SciPy's iterated erosions) and its 3 x 3 opening (array shifts "
+        "instead of SciPy's 1-D filters) were replaced; both are tested equal to SciPy's.",
+        "",
+        "Image latency after the last readout, default chain, scanner pace, 3 scans per variant, the variants "
+        f"interleaved (load average at the end {load[0] if load else 'not recorded'}):",
+        "",
+        "| QC taps | p50 ms | p95 ms | p99 ms | max ms |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for key, label in _OVERHEAD_VARIANTS:
+        if key in d:
+            v = d[key]
+            lines.append(f"| {label} | {v['p50']:.1f} | {v['p95']:.1f} | {v['p99']:.1f} | {v['max']:.1f} |")
+    lines += [
+        "",
+        "With the taps in a worker process (`inline/tap_process.py`, nice 19) the images come as fast as without "
+        "QC. On threads, the taps hold the interpreter lock while a check runs Python code, and the "
+        "reconstruction waits for it between kernels even though their threads are niced. The run before the "
+        "ImageQC speed-up (2026-11-22 02:36) showed this more clearly: in a worker p50 7.4, p99 17.1 ms; on "
+        "threads p50 21.9, p99 64.1 ms; without QC p50 8.4, p99 11.3 ms. The client runs in the bench's process "
+        "here. `inline bench` runs the server in its own process and gives the same picture. With QC in a worker, "
+        "three short runs gave p50 8.6-10.2 ms and p99 20-23 ms. With the taps on threads, two runs before the "
+        "change gave p50 16.0-21.7 ms and p99 31.8-34.4 ms.",
         "",
         "Before this revision (same bench): ReadoutQC ~483 ms CPU per slice (0.57 ms per readout in the server, "
         "the slice-end mid-scan check up to ~1 s: a least-squares kernel over 32 channels x 129 samples), ImageQC "

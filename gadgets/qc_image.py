@@ -43,19 +43,28 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(centres[int(np.argmax(between))])
 
 
-def _cross_step(m: np.ndarray, grow: bool) -> np.ndarray:
-    """One dilation (``grow``) or erosion by the 3x3 cross; outside the image counts as background."""
+def _line_step(m: np.ndarray, axis: int, grow: bool) -> np.ndarray:
+    """A 3-pixel maximum (``grow``) or minimum along ``axis``; outside the image counts as background."""
     out = m.copy()
     op = np.logical_or if grow else np.logical_and
-    for src, dst in (((slice(1, None), slice(None)), (slice(None, -1), slice(None))),
-                     ((slice(None, -1), slice(None)), (slice(1, None), slice(None))),
-                     ((slice(None), slice(1, None)), (slice(None), slice(None, -1))),
-                     ((slice(None), slice(None, -1)), (slice(None), slice(1, None)))):
-        op(out[dst], m[src], out=out[dst])
-    if not grow:  # the neighbours outside the image are background
-        out[0, :] = out[-1, :] = False
-        out[:, 0] = out[:, -1] = False
+    lo = [slice(None)] * 2
+    hi = [slice(None)] * 2
+    lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+    op(out[tuple(lo)], m[tuple(hi)], out=out[tuple(lo)])
+    op(out[tuple(hi)], m[tuple(lo)], out=out[tuple(hi)])
+    if not grow:
+        edge = [slice(None)] * 2
+        for i in (0, -1):
+            edge[axis] = i
+            out[tuple(edge)] = False
     return out
+
+
+def _cross_step(m: np.ndarray, grow: bool) -> np.ndarray:
+    """One dilation (``grow``) or erosion by the 3x3 cross: the union (intersection) of the
+    3-pixel steps along y and x; outside the image counts as background."""
+    op = np.logical_or if grow else np.logical_and
+    return op(_line_step(m, 0, grow), _line_step(m, 1, grow))
 
 
 def dilate(mask: np.ndarray, r: int) -> np.ndarray:
@@ -73,23 +82,6 @@ def erode(mask: np.ndarray, r: int) -> np.ndarray:
     for _ in range(max(r, 0)):
         mask = _cross_step(mask, False)
     return mask
-
-
-def _line_step(m: np.ndarray, axis: int, grow: bool) -> np.ndarray:
-    """A 3-pixel maximum (``grow``) or minimum along ``axis``; outside the image counts as background."""
-    out = m.copy()
-    op = np.logical_or if grow else np.logical_and
-    lo = [slice(None)] * 2
-    hi = [slice(None)] * 2
-    lo[axis], hi[axis] = slice(None, -1), slice(1, None)
-    op(out[tuple(lo)], m[tuple(hi)], out=out[tuple(lo)])
-    op(out[tuple(hi)], m[tuple(lo)], out=out[tuple(hi)])
-    if not grow:
-        edge = [slice(None)] * 2
-        for i in (0, -1):
-            edge[axis] = i
-            out[tuple(edge)] = False
-    return out
 
 
 def _open3(mask: np.ndarray) -> np.ndarray:

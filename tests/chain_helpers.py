@@ -219,3 +219,28 @@ def centred_fft(img: np.ndarray, axes: Sequence[int]) -> np.ndarray:
 def centred_ifft(k: np.ndarray, axes: Sequence[int]) -> np.ndarray:
     """Centred orthonormal inverse FFT (k-space -> image), numpy reference for tests."""
     return np.fft.fftshift(np.fft.ifftn(np.fft.ifftshift(k, axes=axes), axes=axes, norm="ortho"), axes=axes)
+
+
+def recon_buffer(
+    k: np.ndarray, header: Any, readout_fov_mm: float | None = None, center: int | None = None, domain: str = "kspace", slice: int = 1
+) -> Any:
+    """A fully sampled ``ReconBuffer`` of ``k`` ``(coils, kz, ky, kx)`` as the accumulator makes it
+    (history ``ACC``); ``domain`` "hybrid" transforms it along x first."""
+    from inline.buffers import AcquisitionIndex, EncodingInfo, ReconBuffer
+
+    enc = EncodingInfo.from_header(header)
+    head = ismrmrd.AcquisitionHeader()
+    head.number_of_samples = k.shape[-1]
+    head.center_sample = k.shape[-1] // 2 if center is None else center
+    if domain == "hybrid":
+        k = centred_ifft(k, axes=(-1,))
+    return ReconBuffer(
+        data=k.astype(np.complex64),
+        sampled=np.ones(k.shape[1:3], bool),
+        index=AcquisitionIndex(slice=slice),
+        encoding=enc,
+        header=head,
+        readout_fov_mm=enc.encoded_fov_mm[0] if readout_fov_mm is None else readout_fov_mm,
+        history=["ACC"],
+        domain=domain,
+    )

@@ -7,33 +7,17 @@ import logging
 import ismrmrd
 import numpy as np
 import pytest
-from chain_helpers import centred_ifft, context, kspace_acquisitions, make_header, payloads, run_chain
+from chain_helpers import context, kspace_acquisitions, make_header, payloads, recon_buffer, run_chain
 
 from gadgets.accumulate import AcquisitionAccumulateTrigger
 from gadgets.fft_recon import FFTRecon
 from gadgets.oversampling import RemoveReadoutOversampling
-from inline.buffers import AcquisitionIndex, EarlySnapshot, EncodingInfo, ImageBuffer, LinesSince, ReconBuffer
+from inline.buffers import EarlySnapshot, ImageBuffer, LinesSince, ReconBuffer
 from inline.config import ConfigError, parse_chain, validate_chain
 from inline.trace import Trace
 
 
-def buffer(k: np.ndarray, header, readout_fov_mm=None, center=None, domain="kspace") -> ReconBuffer:
-    enc = EncodingInfo.from_header(header)
-    head = ismrmrd.AcquisitionHeader()
-    head.number_of_samples = k.shape[-1]
-    head.center_sample = k.shape[-1] // 2 if center is None else center
-    if domain == "hybrid":
-        k = centred_ifft(k, axes=(-1,))
-    return ReconBuffer(
-        data=k.astype(np.complex64),
-        sampled=np.ones(k.shape[1:3], bool),
-        index=AcquisitionIndex(slice=1),
-        encoding=enc,
-        header=head,
-        readout_fov_mm=enc.encoded_fov_mm[0] if readout_fov_mm is None else readout_fov_mm,
-        history=["ACC"],
-        domain=domain,
-    )
+buffer = recon_buffer
 
 
 def snapshot_of(full: ReconBuffer, lines, token: int) -> tuple[EarlySnapshot, ReconBuffer]:

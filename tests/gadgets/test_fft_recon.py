@@ -1,29 +1,16 @@
 """FFTRecon: centring, orthonormal scaling, asymmetric echo, FOV adjustment in 2D and 3D."""
 
-import ismrmrd
 import scipy.fft
 import numpy as np
 import pytest
-from chain_helpers import centred_fft, centred_ifft, context, make_header
+from chain_helpers import centred_fft, centred_ifft, context, make_header, recon_buffer
 
 from gadgets.fft_recon import FFTRecon, kspace_grid
-from inline.buffers import AcquisitionIndex, EncodingInfo, ImageBuffer, ReconBuffer
+from inline.buffers import ImageBuffer, ReconBuffer
 
 
 def buffer(k: np.ndarray, header, readout_fov_mm: float | None = None, center: int | None = None) -> ReconBuffer:
-    enc = EncodingInfo.from_header(header)
-    acq_head = ismrmrd.AcquisitionHeader()
-    acq_head.number_of_samples = k.shape[-1]
-    acq_head.center_sample = k.shape[-1] // 2 if center is None else center
-    return ReconBuffer(
-        data=k.astype(np.complex64),
-        sampled=np.ones(k.shape[1:3], bool),
-        index=AcquisitionIndex(slice=2),
-        encoding=enc,
-        header=acq_head,
-        readout_fov_mm=enc.encoded_fov_mm[0] if readout_fov_mm is None else readout_fov_mm,
-        history=["ACC"],
-    )
+    return recon_buffer(k, header, readout_fov_mm, center, slice=2)
 
 
 def recon(buf: ReconBuffer, header) -> ImageBuffer:
