@@ -63,7 +63,9 @@ def run_demo(
     else:
         scan = read_scan(file)
     n_acq = len(scan.acquisitions)
-    server = InlineServer("127.0.0.1", 0, SessionSettings(journal_dir=out_dir / "journal"))
+    # as `inline serve` runs it: the QC taps in a worker process
+    server = InlineServer("127.0.0.1", 0, SessionSettings(journal_dir=out_dir / "journal"), tap_workers=1)
+    server.settings.tap_host.wait_ready(60)
     server.start_background()
     console.print(f"Server on 127.0.0.1:{server.port}; streaming {n_acq} acquisitions ({pace} pace), config {config!r}")
 
