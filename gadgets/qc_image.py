@@ -341,7 +341,8 @@ class ImageQC(AccumulatingGadget):
         p = self.params
         ny = mag.shape[0]
         best = None
-        for m in (mask, strict) if strict.any() and strict is not mask else (mask,):
+        two_fits = strict.any() and strict is not mask
+        for m in (mask, strict) if two_fits else (mask,):
             bg = ~(grown if m is mask else dilate(m, p.margin_px))
             shifted = np.roll(np.where(m, mag, 0), ny // 2, axis=0)
             if (bg & (shifted > 0)).sum() <= 16:
@@ -353,7 +354,7 @@ class ImageQC(AccumulatingGadget):
             if var <= 0:
                 continue
             a = max(float(np.dot(xc, y - y.mean()) / var), 0.0)
-            if m is strict and a < p.ghost_strict_min:
+            if two_fits and m is strict and a < p.ghost_strict_min:  # the strict fit, not the only one
                 continue
             if best is None or a > best[0]:
                 fit = np.zeros_like(mag)
