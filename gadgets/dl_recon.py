@@ -13,7 +13,10 @@ coils. The gadget feeds it exactly what training fed it (:mod:`models.data`):
 3. scaling by :func:`input_scale` (= :func:`models.data.input_scale`: 99th percentile of the
    RSS of the ACS-only low-resolution coil images), the network, and the inverse scaling.
 
-The output is the completed virtual-coil k-space, so FFTRecon, CoilCombine (rss) and
+The network's k-space then gets one closing CG-SENSE data-consistency step with ESPIRiT maps
+and the network's image as prior (:mod:`gadgets.dl_refine`, MoDL-style; ``refine``): held-out
+NRMSE at R = 4 0.060 -> 0.031, ~75 ms more per 256 x 256 slice on this CPU. The
+output is the completed virtual-coil k-space, so FFTRecon, CoilCombine (rss) and
 ImageFinish follow unchanged, as after :class:`gadgets.cs.CompressedSensing`.
 
 Real time: inference runs on one worker thread per session with a time limit
@@ -49,6 +52,8 @@ from pydantic import Field, field_validator
 
 from gadgets.coil_combine import rss
 from gadgets.cs import CompressedSensing
+from gadgets.dl_refine import REFINE_ITERATIONS, REFINE_LAMBDA, refine_maps, sense_refine
+from gadgets.espirit import CalibrationError
 from gadgets.fft_recon import centred_ifft
 from gadgets.grappa import GRAPPA, _one_blas_thread, kernel_geometry
 from inline.backend import to_host
@@ -66,6 +71,7 @@ META_BACKEND = "InlineDLBackend"  # backend that ran the network ("eager", "onnx
 META_MODEL = "InlineDLModel"  # model name
 META_INFERENCE_MS = "InlineDLInference_ms"  # network time of this slice [ms]
 META_FALLBACK = "InlineDLFallbackReason"  # why the network's image was not used
+META_REFINE = "InlineDLRefine"  # the closing SENSE step: "SENSE-DC lambda=0.03, 8 CG iterations", "off" or "skipped: <why>"
 
 DL_METHOD = "DL-VARNET"
 #: Fewest contiguous calibration lines the network and the compression are given.
@@ -256,6 +262,11 @@ class DLRecon(AccumulatingGadget):
         fallback: Literal["grappa", "cs"] = Field(
             "grappa", description="Reconstruction when the network fails or is late: grappa (~50 ms) or cs (~0.4 s)."
         )
+        refine: bool = Field(
+            True, description="Close with one CG-SENSE data-consistency step (ESPIRiT maps, the network's image as prior; "
+            "gadgets.dl_refine): held-out NRMSE at R=4 0.060 -> 0.031, ~75 ms more per 256 x 256 slice on this CPU.")
+        refine_lambda: float = Field(REFINE_LAMBDA, gt=0, description="Weight of ||x - network image||^2 in the SENSE step.")
+        refine_iterations: int = Field(REFINE_ITERATIONS, ge=1, description="Most CG iterations of the SENSE step.")
         warmup_shapes: list[tuple[int, int, int]] = Field(
             default_factory=lambda: [(8, 256, 256)],
             description="(coils, ky, kx) shapes the model is warmed up for at server start.",
@@ -340,15 +351,22 @@ class DLRecon(AccumulatingGadget):
         if kind is not None:
             yield from self._fall_back(item, prep, kind, detail, trace, t0)
             return
-        completed = (result[0] * np.float32(prep.scale)).astype(np.complex64, copy=False)
+        history = [*item.history, DL_METHOD, f"BACKEND-{self.model.backend.upper()}"]
+        network_k, refined = result[0], "off"
+        if self.params.refine:
+            network_k, refined = self._refine(network_k, k[0], prep)
+            if not refined.startswith("skipped"):
+                history.append("SENSE-DC")
+        completed = (network_k * np.float32(prep.scale)).astype(np.complex64, copy=False)
         self.counts["dl"] += 1
         meta = {
             META_METHOD: DL_METHOD,
             META_BACKEND: self.model.backend,
             META_MODEL: self.params.model,
             META_INFERENCE_MS: f"{inference_ms:.1f}",
+            META_REFINE: refined,
         }
-        out = self._buffer(item, completed, [*item.history, DL_METHOD, f"BACKEND-{self.model.backend.upper()}"], meta)
+        out = self._buffer(item, completed, history, meta)
         self._time(prep.prepare_ms, inference_ms, t0, DL_METHOD)
         yield out, trace
 
@@ -389,6 +407,28 @@ class DLRecon(AccumulatingGadget):
         if matrix is None:
             matrix = self._matrices[key] = compression_matrix(np.ascontiguousarray(calibration), self.params.virtual_coils)
         return matrix
+
+    def _refine(self, network_k: np.ndarray, measured: np.ndarray, prep: Prepared) -> tuple[np.ndarray, str]:
+        """The SENSE step on the scaled k-space: ``(k-space, META_REFINE text)``; the network's k-space if it cannot run.
+
+        The maps are made after the network, not meanwhile: the network's intra-op threads use
+        both cores, and sharing them cost more than it saved (DLRecon 288 vs 246 ms per slice in
+        ``inline bench --case dl_r8_2d_32ch_256``, 173 ms without the step)."""
+        try:
+            maps = refine_maps(prep.kspace, prep.acs)
+            out, iterations = sense_refine(
+                network_k, measured, prep.mask, maps, self.params.refine_lambda, self.params.refine_iterations
+            )
+        except CalibrationError as e:  # fewer calibration lines than the ESPIRiT kernel: the network's image stands
+            reason = f"no coil maps ({e})"
+        except Exception as e:  # a failing step must not cost the slice its image
+            reason = f"{type(e).__name__}: {e}"
+        else:
+            return out, f"SENSE-DC lambda={self.params.refine_lambda:g}, {iterations} CG iterations"
+        if "refine" not in self._warned:
+            self._warned.add("refine")
+            self.log.warning("DLRecon: SENSE step skipped, the network's image is used as it is (%s)", reason)
+        return network_k, f"skipped: {reason}"
 
     def _infer(self, k: np.ndarray, mask: np.ndarray, acs: np.ndarray) -> tuple[str | None, str, np.ndarray | None, float]:
         """Run the network within the budget: ``(failure kind or None, detail, result, ms)``."""

@@ -11,7 +11,8 @@ So the only difference between the rows of a table is the method:
   ``(A^H A + lambda I) x = A^H y`` (:func:`gadgets.sense.sense_cg`);
 * CS: the same maps, ``1/2 ||A x - y||^2 + lambda ||W x||_1`` by FISTA with BART's
   wavelet and scaling (:class:`gadgets.cs.SenseL1Wavelet`, ``bart pics -l1`` equivalent);
-* DL: the E2E-VarNet's RSS image (:meth:`models.varnet.VarNet.image`).
+* DL: the E2E-VarNet's k-space after the closing CG-SENSE step (:mod:`gadgets.dl_refine`), RSS image;
+  "DL (network only)": the network's own RSS image (:meth:`models.varnet.VarNet.image`).
 
 Metrics (:func:`score`), against the RSS of the fully sampled k-space of the same coils
 and the same noise (``reference``):
@@ -58,22 +59,23 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+# ESPIRiT settings (the SENSE gadget's defaults), shared by SENSE, CS and DL's closing SENSE step
+from gadgets.dl_refine import ESPIRIT, ESPIRIT_CALIB_WIDTH
 from models.data import (
     VIRTUAL_COILS, Bank, Sample, acs_lines_for, equispaced_mask, ifft2c, input_scale, make_sample, rss,
 )
 
 __all__ = [
-    "METHODS", "Case", "Metrics", "SenseSettings", "CSSettings", "SENSE_SETTINGS", "CS_SETTINGS",
+    "METHODS", "ESPIRIT", "ESPIRIT_CALIB_WIDTH", "Case", "Metrics", "SenseSettings", "CSSettings", "SENSE_SETTINGS", "CS_SETTINGS",
     "case_from_sample", "simulated_case", "undersample", "load_fully_sampled", "real_cases",
     "coil_maps", "zero_filled", "sense", "cs", "dl", "load_varnet", "sha256",
     "object_support", "fit_scale", "score", "reconstruct", "Result", "evaluate", "tune",
 ]
 
-METHODS = ("zero-filled", "SENSE", "CS", "DL")
+METHODS = ("zero-filled", "SENSE", "CS", "DL (network only)", "DL")
+#: "DL" is what ``DLRecon`` gives (the network, then the closing SENSE step of
+#: :mod:`gadgets.dl_refine`); "DL (network only)" the network's own image, for comparison.
 
-#: ESPIRiT settings (the SENSE gadget's defaults), shared by SENSE and CS.
-ESPIRIT = dict(kernel_width=6, threshold=0.02, crop=0.8, grid=64)
-ESPIRIT_CALIB_WIDTH = 24
 #: Object support: the smoothed reference above this fraction of its maximum.
 SUPPORT_FRACTION = 0.1
 
@@ -254,11 +256,9 @@ def real_cases(
 # -- methods ---------------------------------------------------------------------------
 def coil_maps(case: Case) -> np.ndarray:
     """ESPIRiT maps ``(coils, y, x)`` complex64 (unit norm inside the crop, 0 outside) from the ACS lines."""
-    from gadgets.espirit import calibration_region, espirit_maps
+    from gadgets.dl_refine import refine_maps
 
-    block = calibration_region(case.kspace[:, None], case.acs[None], ESPIRIT_CALIB_WIDTH, min_lines=ESPIRIT["kernel_width"])
-    maps, _ = espirit_maps(block[:, 0], case.kspace.shape[1:], **ESPIRIT)
-    return maps
+    return refine_maps(case.kspace, case.acs, grid=ESPIRIT["grid"])
 
 
 def zero_filled(case: Case) -> np.ndarray:
@@ -283,15 +283,22 @@ def cs(case: Case, maps: np.ndarray, settings: CSSettings) -> np.ndarray:
     return np.abs(op.solve(case.kspace[:, None], settings.lam, settings.iterations).image[0]).astype(np.float32)
 
 
-def dl(case: Case, net) -> np.ndarray:
-    """The VarNet's RSS image ``(y, x)``."""
+def dl(case: Case, net, refine: bool = True) -> np.ndarray:
+    """The RSS image ``(y, x)`` of the VarNet's k-space, after the closing CG-SENSE step
+    (:mod:`gadgets.dl_refine` with its own maps and settings, as ``DLRecon`` runs it) unless
+    ``refine`` is False."""
     import torch
+
+    from gadgets.dl_refine import refine_maps, sense_refine
 
     k = torch.from_numpy(np.ascontiguousarray(case.kspace))[None]
     mask = torch.from_numpy(case.sampled.astype(np.float32)).view(1, 1, -1, 1)
     acs = torch.from_numpy(case.acs.astype(np.float32)).view(1, 1, -1, 1)
     with torch.inference_mode():
-        return net.image(k, mask, acs)[0].numpy().astype(np.float32)
+        kspace = net(k, mask, acs)[0].numpy().astype(np.complex64)
+    if refine:
+        kspace, _ = sense_refine(kspace, case.kspace, case.sampled, refine_maps(case.kspace, case.acs))
+    return rss(ifft2c(kspace)).astype(np.float32)
 
 
 def load_varnet(path: str | Path):
@@ -391,7 +398,7 @@ def reconstruct(
         else:
             if net is None:
                 raise ValueError("DL needs the network (load_varnet)")
-            out[m] = dl(case, net)
+            out[m] = dl(case, net, refine=m == "DL")
     return out
 
 

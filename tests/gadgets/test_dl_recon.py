@@ -23,6 +23,7 @@ torch = pytest.importorskip("torch", reason="the DL gadget needs PyTorch (pip in
 
 import gadgets.dl_recon as dl  # noqa: E402
 from gadgets.dl_recon import DLRecon, DLReconError  # noqa: E402
+from gadgets.dl_refine import refine_maps, sense_refine  # noqa: E402
 from inline import inference  # noqa: E402
 from inline.buffers import ReconBuffer  # noqa: E402
 from inline.coils import compress, compression_matrix  # noqa: E402
@@ -144,18 +145,21 @@ def test_output_is_virtual_coil_kspace_with_dl_meta(case, tiny):
     assert out.data.shape == (8, 1, 64, 64) and out.data.dtype == np.complex64
     assert out.sampled.shape == buf.sampled.shape and bool(out.sampled.all())
     assert out.reference is None and out.reference_sampled is None
-    assert out.history[-2:] == ["DL-VARNET", "BACKEND-EAGER"]
+    assert out.history[-3:] == ["DL-VARNET", "BACKEND-EAGER", "SENSE-DC"]
     assert out.meta[dl.META_METHOD] == "DL-VARNET" and out.meta[dl.META_BACKEND] == "eager"
+    assert out.meta[dl.META_REFINE].startswith("SENSE-DC lambda=0.03, ")
     assert out.meta[dl.META_MODEL] == "varnet_mni152" and float(out.meta[dl.META_INFERENCE_MS]) > 0
     assert np.isfinite(out.data).all() and np.abs(out.data).max() > 0
     assert g.counts["dl"] == 1 and g.timings[0]["method"] == "DL-VARNET"
     assert not list(g.close())
 
 
-def test_result_equals_the_network_run_directly(case, tiny, net):
-    """Independent re-implementation of the training conventions (models/data.py)."""
+@pytest.mark.parametrize("refine", [False, True])
+def test_result_equals_the_network_run_directly(case, tiny, net, refine):
+    """Independent re-implementation of the training conventions (models/data.py); with
+    ``refine``, the network's k-space then goes through the SENSE step on the scaled data."""
     scan, buf = case
-    out = next(o for o, _ in gadget(scan.header, budget_ms=None).process(buf, None))
+    out = next(o for o, _ in gadget(scan.header, budget_ms=None, refine=refine).process(buf, None))
     ref_lines = buf.reference_sampled[0]
     filled = np.where((ref_lines & ~buf.sampled[0])[None, :, None], buf.reference[:, 0], buf.data[:, 0])
     known = buf.sampled[0] | ref_lines
@@ -165,7 +169,11 @@ def test_result_equals_the_network_run_directly(case, tiny, net):
     scale = input_scale(k, acs)
     as_mask = lambda m: torch.from_numpy(m.astype(np.float32)).view(1, 1, -1, 1)  # noqa: E731
     with torch.inference_mode():
-        direct = net(torch.from_numpy((k / scale).astype(np.complex64))[None], as_mask(known), as_mask(acs))[0].numpy() * scale
+        direct = net(torch.from_numpy((k / scale).astype(np.complex64))[None], as_mask(known), as_mask(acs))[0].numpy()
+    if refine:
+        scaled = (k / scale).astype(np.complex64)
+        direct, _ = sense_refine(direct, scaled, known, refine_maps(scaled, acs))
+    direct = direct * scale
     err = np.linalg.norm(out.data[:, 0] - direct) / np.linalg.norm(direct)
     assert err < 1e-5, err
 
@@ -179,14 +187,14 @@ def test_chain_image_carries_method_and_backend(tiny):
     for image in images:
         meta = ismrmrd.Meta.deserialize(image.attribute_string)
         assert meta[dl.META_METHOD] == "DL-VARNET" and meta[dl.META_BACKEND] == "eager"
-        assert meta["ImageProcessingHistory"][-5:] == ["DL-VARNET", "BACKEND-EAGER", "FFT", "RSS", "MAGNITUDE"]
+        assert meta["ImageProcessingHistory"][-6:] == ["DL-VARNET", "BACKEND-EAGER", "SENSE-DC", "FFT", "RSS", "MAGNITUDE"]
         assert image.data.shape == (1, 1, 64, 64)
 
 
 def test_acs_only_lines_are_used_as_data(case, monkeypatch):
     scan, buf = case
     stub = with_stub(monkeypatch, Stub())
-    out = next(o for o, _ in gadget(scan.header, budget_ms=None).process(buf, None))
+    out = next(o for o, _ in gadget(scan.header, budget_ms=None, refine=False).process(buf, None))
     (k, mask, acs_mask), = stub.calls
     sampled, ref = buf.sampled[0], buf.reference_sampled[0]
     acs_only = ref & ~sampled
@@ -405,13 +413,32 @@ def test_helpers():
 
 
 def test_trained_weights_beat_zero_filled():
-    """Loose: the trained network is better than zero filling (its quality is evaluated elsewhere)."""
+    """Loose: the trained network is better than zero filling (its quality is evaluated elsewhere),
+    and the SENSE step makes it better still on this slice."""
     inference.clear_cache()
     scan = simulate_scan(matrix=128, slices=1, coils=16, acceleration=4, acs_lines=12, snr=40, seed=11, noise_samples=0)
     (buf,) = buffers_of(scan)
-    g = gadget(scan.header, budget_ms=None, device="cpu")
-    (out,), texts = split(g.process(buf, None))
-    assert out.meta[dl.META_METHOD] == "DL-VARNET", texts
     truth = truth_of(scan)
-    assert score(rss_image(out.data), truth) < 0.5 * score(rss_image(buf.data), truth)
+    errors = {}
+    for refine in (False, True):
+        g = gadget(scan.header, budget_ms=None, device="cpu", refine=refine)
+        (out,), texts = split(g.process(buf, None))
+        assert out.meta[dl.META_METHOD] == "DL-VARNET", texts
+        errors[refine] = score(rss_image(out.data), truth)
+    assert errors[False] < 0.5 * score(rss_image(buf.data), truth)
+    assert errors[True] < errors[False], errors
     inference.clear_cache()
+
+
+def test_refine_skipped_without_coil_maps(case, tiny):
+    """A calibration block narrower than the ESPIRiT kernel (6): the network's image stands, and says so."""
+    scan, buf = case
+    ref = buf.reference_sampled.copy()
+    centre = np.flatnonzero(ref[0])
+    ref[0, :] = False
+    ref[0, centre[len(centre) // 2 - 2 : len(centre) // 2 + 2]] = True  # 4 lines: enough for the network, not ESPIRiT
+    narrow = ReconBuffer(**{**buf.__dict__, "reference_sampled": ref, "sampled": buf.sampled & ~ref})
+    g = gadget(scan.header, budget_ms=None)
+    (out,), _ = split(g.process(narrow, None))
+    assert out.meta[dl.META_METHOD] == "DL-VARNET" and "SENSE-DC" not in out.history
+    assert out.meta[dl.META_REFINE].startswith("skipped: no coil maps")

@@ -3,8 +3,10 @@
 What the shipped model achieves, asserted as NRMSE relations and bounds measured with it:
 
 * DL better than zero-filling at every R in {4, 6, 8, 12} (below half its NRMSE);
-* DL better than CG-SENSE at R = 6, 8, 12;
-* DL at R = 6 and R = 8 within 3x the NRMSE of CS at R = 4 (measured 2.4x and 2.6x);
+* DL (the network, then the closing CG-SENSE step of :mod:`gadgets.dl_refine`, as ``DLRecon``
+  runs it) better than CG-SENSE at every R (R = 4: 0.037 vs 0.048; the network alone, 0.065, was not);
+* DL at R = 6 within 2.2x and at R = 8 within 2.5x the NRMSE of CS at R = 4 (measured 1.8x and 2.1x;
+  the network alone: 2.4x and 2.6x);
 * on a real fully sampled phantom scan (retrospectively undersampled, R = 4), DL bounded.
 
 The reader-study ordering the issue asks for (DL at R = 6 no worse than CS at R = 4, DL at
@@ -70,11 +72,11 @@ def held_out_nrmse(net) -> dict[tuple[str, int], float]:
     return means
 
 
-def test_dl_stays_within_3x_of_cs_at_r4(held_out_nrmse):
-    # regression bounds (measured with sha256 ec3eff16...: CS R=4 0.032, DL R=6 0.079, R=8 0.085)
+def test_dl_distance_to_cs_at_r4(held_out_nrmse):
+    # regression bounds (measured with sha256 ec3eff16... and the SENSE step: CS R=4 0.032, DL R=6 0.059, R=8 0.068)
     cs4 = held_out_nrmse["CS", 4]
-    assert held_out_nrmse["DL", 6] < 3.0 * cs4
-    assert held_out_nrmse["DL", 8] < 3.0 * cs4
+    assert held_out_nrmse["DL", 6] < 2.2 * cs4
+    assert held_out_nrmse["DL", 8] < 2.5 * cs4
 
 
 @pytest.mark.parametrize("r", ACCELERATIONS)
@@ -83,9 +85,8 @@ def test_dl_beats_zero_filled(held_out_nrmse, r):
     assert dl < 0.5 * zf, f"R={r}: NRMSE DL {dl:.4f} not below half of zero-filled {zf:.4f}"
 
 
-@pytest.mark.parametrize("r", (6, 8, 12))
+@pytest.mark.parametrize("r", ACCELERATIONS)
 def test_dl_beats_sense(held_out_nrmse, r):
-    # at R = 4 CG-SENSE is better (0.048 vs 0.065): reported in the model card
     dl, sense = held_out_nrmse["DL", r], held_out_nrmse["SENSE", r]
     assert dl < sense, f"R={r}: NRMSE DL {dl:.4f} >= SENSE {sense:.4f}"
 
