@@ -253,6 +253,27 @@ def test_alert_latency_and_per_readout_cost():
     assert len(lat) == 1 and lat[0] < 100.0
 
 
+def test_mid_scan_motion_over_every_line():
+    """5 mm along phase encoding from the 22nd line of each slice on (interleaved slices: the same
+    moment for all three), one repetition: found over the outer lines, at the moved line."""
+    header, acqs = scan_copy(5)
+    py = 240.0 / 64  # simulated FOV 240 mm, 64 lines
+    for a in imaging(acqs):
+        y = a.idx.kspace_encode_step_1
+        if y >= 22:
+            a.data[:] *= np.complex64(np.exp(-2j * np.pi * (y - 32) * 5.0 / (64 * py)))
+    _, _, alerts = run_qc(header, acqs)
+    assert codes(alerts) == ["motion"] * 3 and all(a.evidence["ky"] == 22 for a in alerts)  # either check may tell
+    g, _, alerts = run_qc(header, acqs, motion_jump_ratio=1e9)  # the central-band check out of the way
+    motion = [a for a in alerts if a.evidence.get("source") == "kspace_consistency_noise"]
+    assert codes(alerts) == ["motion"] * 3 and len(motion) == 3, [a.to_text() for a in alerts]
+    assert sorted(a.slices[0] for a in motion) == [0, 1, 2] and all(a.evidence["ky"] == 22 for a in motion)
+    assert all(a.value > 10.0 for a in motion)
+    # fewer channels than midscan_min_channels: the check is not run
+    _, _, alerts = run_qc(header, acqs, motion_jump_ratio=1e9, midscan_min_channels=16)
+    assert not [a for a in alerts if a.evidence.get("source") == "kspace_consistency_noise"]
+
+
 def test_real_data_raises_nothing(shared_data):
     for path in sorted(DATA_DIR.glob("*.h5")):
         header, acqs = read_mrd(path)
