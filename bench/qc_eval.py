@@ -679,8 +679,8 @@ def _cpu_section(path: Path = REPO / "bench" / "results" / "qc_overhead_cpu.json
         "(`inline/motion/consistency.py`: 256 lines x 32 channels x 64 samples, compressed to 8 virtual coils; "
         "4.4 ms for 64 lines x 8 channels x 128 samples), which raised the slice from 23.9 to 35.0 ms. On threads "
         "this heavier slice end holds the interpreter lock longer: the thread variant below went from p50 10.1 / "
-        "p99 18.2 ms (previous run) to 28.9 / 53.6 ms, while the worker stays at the no-QC level, as `inline "
-        "serve` runs it. `image_qc` was 7.3 ms per slice before its hole filling (one "
+        "p99 18.2 ms (previous run) to 28.9 / 53.6 ms, while the worker stays near the no-QC level (p99 22.7 against 18.9 "
+        "in the same run), as `inline serve` runs it. `image_qc` was 7.3 ms per slice before its hole filling (one "
         "labelling of the background instead of SciPy's iterated erosions) and its 3 x 3 opening (array shifts "
         "instead of SciPy's 1-D filters) were replaced; both are tested equal to SciPy's.",
         "",
